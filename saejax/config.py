@@ -1,0 +1,118 @@
+"""The one typed configuration of a training run.
+
+`TrainConfig` is a plain (non-frozen) dataclass so absl's `config_flags` can override any field from the
+command line (`--config.k=64`). Named presets, one per paper setup, live in `experiments/presets.py`.
+Derived quantities (learning rate from the recipe, number of steps) are methods, never stored twice.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+ARCHITECTURES = ('topk', 'batchtopk', 'relu', 'gated', 'jumprelu')
+SOURCES = ('synthetic', 'lm')
+B_DEC_INITS = ('mean', 'geometric_median')
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Everything that defines a run. Defaults follow recipe.md section 1 (the paper's TopK recipe)."""
+
+  # --- SAE ---
+  arch: str = 'topk'
+  init_seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8)
+  num_latents: int = 32768
+  k: int = 32
+  # ReLU+L1 and Gated sparsity coefficient; JumpReLU L0 coefficient.
+  l1_coefficient: float = 3.0
+  jumprelu_threshold_init: float = 0.001
+  jumprelu_bandwidth: float = 0.001
+  # Paper-era default is off for both (recipe.md section 1).
+  auxk: bool = False
+  auxk_coefficient: float = 1.0 / 32.0
+  multi_topk: bool = False
+  # 'mean' (code from late 2024 on) or 'geometric_median' (mid-2024 code that trained the paper's seed 1).
+  b_dec_init: str = 'mean'
+
+  # --- optimiser ---
+  # None means the recipe's 2e-4 / sqrt(num_latents / 2**14).
+  lr: float | None = None
+  warmup_steps: int = 1000
+  grad_clip: float = 1.0
+
+  # --- data ---
+  source: str = 'synthetic'
+  hookpoint: str = 'synthetic'
+  batch_size: int = 4096  # tokens per step
+  num_tokens: int = 8_000_000_000
+  d_in: int = 768
+  data_seed: int = 0
+  # Synthetic ground truth: F unit-norm directions in d_in dims, power-law firing probabilities.
+  num_features: int = 4096
+  feature_firing_exponent: float = 1.0
+  feature_max_firing_prob: float = 0.05
+  feature_noise_std: float = 0.0
+  feature_group_size: int = 1  # >1: features fire in correlated groups of this size
+  feature_group_coactivation: float = 0.5
+  # Language-model source (wired in by the LM issue).
+  model: str = 'EleutherAI/pythia-160m'
+  dataset: str = 'EleutherAI/the_pile_deduplicated'
+  context_length: int = 2049
+
+  # --- bookkeeping ---
+  dead_tokens: int = 10_000_000
+  log_every: int = 50
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 2
+  # Mesh over all local devices: data x model. -1 means "all devices left over".
+  mesh_data: int = -1
+  mesh_model: int = 1
+  # Tokens per chunk in the sparse TopK kernels: bounds the gathered-rows working set.
+  kernel_chunk_tokens: int = 32
+
+  def validate(self) -> None:
+    """Raises ValueError with one line that says what to change."""
+    checks = [
+      (self.arch in ARCHITECTURES, f'arch={self.arch!r} is unknown; use one of {", ".join(ARCHITECTURES)}'),
+      (self.source in SOURCES, f'source={self.source!r} is unknown; use one of {", ".join(SOURCES)}'),
+      (self.b_dec_init in B_DEC_INITS, f'b_dec_init={self.b_dec_init!r}; use one of {", ".join(B_DEC_INITS)}'),
+      (len(self.init_seeds) >= 1, 'init_seeds is empty; give at least one seed, e.g. --config.init_seeds=0,1'),
+      (len(set(self.init_seeds)) == len(self.init_seeds), f'init_seeds={self.init_seeds} has repeats'),
+      (self.num_latents > 0 and self.d_in > 0, 'num_latents and d_in must be positive'),
+      (0 < self.k <= self.num_latents, f'k={self.k} must be in [1, num_latents={self.num_latents}]'),
+      (self.batch_size > 0, 'batch_size (tokens per step) must be positive'),
+      (self.num_tokens >= self.batch_size, f'num_tokens={self.num_tokens} is less than one batch ({self.batch_size})'),
+      (self.checkpoint_every > 0 and self.log_every > 0, 'checkpoint_every and log_every must be positive'),
+      (self.lr is None or self.lr > 0, f'lr={self.lr} must be positive (or None for the recipe value)'),
+      (self.num_features > 0, 'num_features must be positive'),
+      (0 < self.feature_max_firing_prob <= 1, 'feature_max_firing_prob must be in (0, 1]'),
+      (self.kernel_chunk_tokens > 0, 'kernel_chunk_tokens must be positive'),
+    ]
+    for ok, message in checks:
+      if not ok:
+        raise ValueError(message)
+
+  @property
+  def num_steps(self) -> int:
+    return self.num_tokens // self.batch_size
+
+  @property
+  def learning_rate(self) -> float:
+    """The recipe's width-scaled rate unless `lr` is given."""
+    if self.lr is not None:
+      return self.lr
+    return 2e-4 / math.sqrt(self.num_latents / 2**14)
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, data: dict[str, Any]) -> 'TrainConfig':
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+      raise ValueError(f'config has unknown fields {unknown}; was it written by a newer saejax?')
+    data = dict(data)
+    if 'init_seeds' in data:
+      data['init_seeds'] = tuple(data['init_seeds'])
+    return cls(**data)

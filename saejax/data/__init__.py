@@ -1,0 +1,24 @@
+"""Activation sources behind one interface (`ActivationSource`)."""
+
+from jax.sharding import NamedSharding
+
+from saejax.data.base import ActivationSource, place_host_batch
+from saejax.data.synthetic import SyntheticSource
+
+
+class SourceUnavailableError(RuntimeError):
+  """The configured source cannot run here; the message says what to supply."""
+
+
+def make_source(config, sharding: NamedSharding) -> ActivationSource:
+  if config.source == 'synthetic':
+    return SyntheticSource(config, sharding)
+  if config.source == 'lm':
+    raise SourceUnavailableError(
+      f'the language-model activation source ({config.model}, {config.hookpoint}) is not wired in yet; '
+      f'train on synthetic ground truth with --config=synthetic'
+    )
+  raise ValueError(f'unknown source {config.source!r}; use synthetic or lm')
+
+
+__all__ = ['ActivationSource', 'SourceUnavailableError', 'SyntheticSource', 'make_source', 'place_host_batch']

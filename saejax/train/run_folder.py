@@ -1,0 +1,96 @@
+"""The run folder's stable layout, which the alignment and analysis tools read.
+
+    DIR/config.json                              the resolved TrainConfig
+    DIR/metrics.jsonl                            one line per logged step, per-seed lists
+    DIR/checkpoints/<step>/                      Orbax (train state + data position)
+    DIR/saes/<hookpoint>/seed<N>/                EleutherAI layout: sae.safetensors + cfg.json
+    DIR/saelens/<hookpoint>/seed<N>/             SAELens layout: sae_weights.safetensors + cfg.json
+    DIR/summary.json                             final per-seed metrics (+ recovery for synthetic data)
+
+Every file is written to a temporary name and renamed into place, so an interrupted run never leaves a
+half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from saejax.config import TrainConfig
+
+CONFIG = 'config.json'
+METRICS = 'metrics.jsonl'
+SUMMARY = 'summary.json'
+# Fields that may change between a run and its resumption: they do not change the trained SAEs.
+RESUMABLE_FIELDS = frozenset({'log_every', 'checkpoint_every', 'keep_checkpoints', 'mesh_data', 'mesh_model'})
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(data, f, indent=1)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def sae_dir(workdir: str, hookpoint: str, seed: int, layout: str = 'saes') -> str:
+  return os.path.join(workdir, layout, hookpoint, f'seed{seed}')
+
+
+def prepare(workdir: str, config: TrainConfig) -> None:
+  """Creates the folder and writes config.json, or checks that an existing run has the same config."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG)
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+      raise ValueError(f'{path} is unreadable ({error}); restore it or use a new --workdir') from error
+    differences = [
+      f'{name}: {saved.get(name)!r} -> {value!r}'
+      for name, value in json.loads(json.dumps(config.to_json())).items()
+      if name not in RESUMABLE_FIELDS and saved.get(name) != value
+    ]
+    if differences:
+      raise ValueError(
+        f'{workdir} holds a run with a different config ({"; ".join(differences[:4])}); '
+        f'rerun with its original flags to resume, or use a new --workdir'
+      )
+  write_json_atomic(path, config.to_json())
+
+
+class MetricsLog:
+  """Appends JSON lines to DIR/metrics.jsonl; on resume drops lines past the restored step."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, METRICS)
+
+  def truncate_after(self, step: int) -> None:
+    """Keeps lines with step <= `step`, so a resumed run's log reads like an uninterrupted one."""
+    if not os.path.exists(self.path):
+      return
+    kept = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue  # a line cut by a kill mid-write
+        if record.get('step', 0) <= step:
+          kept.append(line if line.endswith('\n') else line + '\n')
+    tmp = f'{self.path}.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+
+  def append(self, record: dict[str, Any]) -> None:
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+
+  def read(self) -> list[dict[str, Any]]:
+    if not os.path.exists(self.path):
+      return []
+    with open(self.path) as f:
+      return [json.loads(line) for line in f if line.strip()]

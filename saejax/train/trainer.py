@@ -1,0 +1,218 @@
+"""The training loop: all seeds on one activation stream, with checkpoints, resume, logging and exports.
+
+Side effects live here (files, signals, the progress bar); the math is the pure step in `step.py`. Host
+metrics are read one step late, so the loop never waits on the device except to save a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from saejax import data, formats
+from saejax import sae as sae_lib
+from saejax import sharding as shd
+from saejax.config import TrainConfig
+from saejax.train import checkpoint, optimizer, run_folder
+from saejax.train import step as step_lib
+
+PER_SEED_METRICS = ('loss', 'fvu', 'l0', 'dead_fraction', 'grad_norm')
+
+
+class NonFiniteError(RuntimeError):
+  """Training produced NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  status: str  # 'completed' or 'preempted'
+  step: int
+  summary: dict[str, Any]
+
+
+class _Stop:
+  """Turns SIGTERM into a flag the loop checks at step boundaries."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no handler, no preemption save
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(metrics: dict[str, np.ndarray], step: int, seeds: tuple[int, ...]) -> None:
+  if not bool(metrics['input_finite']):
+    raise NonFiniteError(f'non-finite activations in the batch of step {step}; the last good checkpoint is kept')
+  bad = [seed for seed, loss in zip(seeds, metrics['loss']) if not np.isfinite(loss)]
+  if bad:
+    raise NonFiniteError(
+      f'non-finite loss at step {step} for seed(s) {bad}; the last good checkpoint is kept '
+      f'(lower --config.lr or check the activations)'
+    )
+
+
+class Trainer:
+  """Owns one run folder. `run()` trains (or resumes) to `num_steps`, then exports every seed."""
+
+  def __init__(self, config: TrainConfig, workdir: str, mesh: jax.sharding.Mesh | None = None):
+    config.validate()
+    self.config = config
+    self.workdir = workdir
+    self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh_data, config.mesh_model)
+    shd.check_batch_divisible(self.mesh, config.batch_size)
+    self.source = data.make_source(config, shd.batch_sharding(self.mesh))
+    self.arch = sae_lib.get(config.arch)
+    self.spec = sae_lib.SaeSpec.from_config(config, latent_shards=self.mesh.shape[shd.MODEL])
+    self.tx, self.schedule = optimizer.make_optimizer(config)
+    self.metrics_log = run_folder.MetricsLog(workdir)
+
+  def fresh_state(self) -> step_lib.TrainState:
+    """Seed-stacked init on the mesh, with b_dec set from the first batch."""
+    state = step_lib.create_state(self.arch, self.spec, self.tx, self.config.init_seeds, self.mesh)
+    return step_lib.set_b_dec(state, sae_lib.data_b_dec(self.source.batch_at(0), self.config.b_dec_init))
+
+  def compiled_step(self, state: step_lib.TrainState):
+    step_fn = step_lib.make_train_step(self.arch, self.spec, self.tx, self.config.dead_tokens)
+    return step_lib.jit_train_step(step_fn, state, self.mesh, self.config.num_latents)
+
+  def _initial_state(self, ckpt: checkpoint.Checkpointer) -> step_lib.TrainState:
+    state = self.fresh_state()
+    latest = ckpt.latest_step()
+    if latest is None:
+      return state
+    state, data_state = ckpt.restore(latest, checkpoint.abstract_like(state))
+    self.source.load_state_dict(data_state)
+    self.metrics_log.truncate_after(latest)
+    logging.info('resumed from step %d (%s)', latest, ckpt.directory)
+    return state
+
+  def run(self) -> RunResult:
+    config = self.config
+    run_folder.prepare(self.workdir, config)
+    self.source.save_artifacts(self.workdir)
+    ckpt = checkpoint.Checkpointer(self.workdir, keep=config.keep_checkpoints)
+    try:
+      state = self._initial_state(ckpt)
+      start = int(state['step'])
+      train_step = self.compiled_step(state)
+      with _Stop() as stop:
+        state, step, preempted = self._loop(state, start, train_step, ckpt, stop)
+      if preempted:
+        logging.info('stopped by SIGTERM at step %d; checkpoint saved, rerun the same command to resume', step)
+        return RunResult('preempted', step, {})
+    finally:
+      ckpt.close()
+    summary = self._finish(state)
+    return RunResult('completed', step, summary)
+
+  def _loop(self, state, start, train_step, ckpt, stop):
+    config = self.config
+    seeds = tuple(config.init_seeds)
+    num_steps = config.num_steps
+    started = time.time()
+    pending = None  # (step, device metrics) of the last dispatched step, read one step late
+    bar = tqdm(total=num_steps, initial=start, desc='train', unit='step', dynamic_ncols=True, disable=None)
+
+    def drain():
+      nonlocal pending
+      if pending is None:
+        return
+      done_step, device_metrics = pending
+      pending = None
+      host = jax.device_get(device_metrics)
+      _check_finite(host, done_step, seeds)
+      bar.update(1)
+      if done_step % config.log_every == 0 or done_step == num_steps:
+        self._log(done_step, host, time.time() - started, bar)
+
+    step = start
+    while step < num_steps:
+      x_BxD = self.source.next_batch()
+      state, device_metrics = train_step(state, x_BxD)
+      step += 1
+      drain()
+      pending = (step, device_metrics)
+      should_save = step % config.checkpoint_every == 0 or step == num_steps
+      preempted = stop.requested or ckpt.reached_preemption(step)
+      if should_save or preempted:
+        drain()
+        ckpt.save(step, state, self.source.state_dict())
+        if preempted:
+          ckpt.wait()
+          bar.close()
+          return state, step, True
+    drain()
+    bar.close()
+    return state, step, False
+
+  def _log(self, step: int, host: dict[str, np.ndarray], elapsed: float, bar) -> None:
+    record = {
+      'step': step,
+      'tokens': step * self.config.batch_size,
+      **{name: np.asarray(host[name]).round(6).tolist() for name in PER_SEED_METRICS},
+      'lr': float(self.schedule(step - 1)),
+      'elapsed_s': round(elapsed, 3),
+      'time': round(time.time(), 3),
+    }
+    if jax.process_index() == 0:
+      self.metrics_log.append(record)
+    fvu, l0, dead = (float(np.mean(host[n])) for n in ('fvu', 'l0', 'dead_fraction'))
+    bar.set_postfix(fvu=f'{fvu:.4f}', l0=f'{l0:.1f}', dead=f'{dead:.3f}')
+    logging.info('step %d/%d  fvu %.4f  l0 %.1f  dead %.3f  lr %.2e', step, self.config.num_steps, fvu, l0, dead,
+                 record['lr'])
+
+  def _finish(self, state) -> dict[str, Any]:
+    """Exports every seed in both layouts and writes summary.json."""
+    config = self.config
+    params = jax.device_get(state['params'])
+    last = self.metrics_log.read()[-1:] or [{}]
+    summary: dict[str, Any] = {'step': int(state['step']), 'seeds': list(config.init_seeds), 'final': last[0]}
+    report = self.source.final_report(np.asarray(params['W_dec']))
+    if report:
+      summary['recovery'] = report
+    if jax.process_index() == 0:
+      for index, seed in enumerate(config.init_seeds):
+        seed_params = {name: np.asarray(value[index]) for name, value in params.items()}
+        sizes = {'arch': config.arch, 'k': config.k, 'd_in': config.d_in, 'num_latents': config.num_latents}
+        formats.save_eleuther(run_folder.sae_dir(self.workdir, self.source.hookpoint, seed), seed_params, **sizes)
+        formats.save_saelens(run_folder.sae_dir(self.workdir, self.source.hookpoint, seed, 'saelens'), seed_params,
+                             hook_name=self.source.hookpoint, **sizes)
+      run_folder.write_json_atomic(f'{self.workdir}/{run_folder.SUMMARY}', summary)
+    return summary
+
+
+def train(config: TrainConfig, workdir: str) -> RunResult:
+  return Trainer(config, workdir).run()
+
+
+def train_in_memory(config: TrainConfig, mesh: jax.sharding.Mesh | None = None,
+                    num_steps: int | None = None) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+  """Trains without touching disk (for notebooks and tests): returns host params [S, ...] and per-step metrics."""
+  trainer = Trainer(config, workdir='', mesh=mesh)
+  state = trainer.fresh_state()
+  train_step = trainer.compiled_step(state)
+  history = []
+  for _ in range(config.num_steps if num_steps is None else num_steps):
+    state, metrics = train_step(state, trainer.source.next_batch())
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state['params']), history

@@ -1,0 +1,18 @@
+"""Test session setup: CPU backend with 8 fake devices, set before JAX initialises; Hugging Face offline."""
+
+import os
+import sys
+import tempfile
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+os.environ['HF_HUB_OFFLINE'] = '1'
+os.environ.setdefault('HF_HOME', tempfile.mkdtemp(prefix='saejax-hf-'))
+
+import jax  # noqa: E402
+
+jax.config.update('jax_num_cpu_devices', 8)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
