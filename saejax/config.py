@@ -69,6 +69,8 @@ class TrainConfig:
   mesh_model: int = 1
   # Tokens per chunk in the sparse TopK kernels: bounds the gathered-rows working set.
   kernel_chunk_tokens: int = 32
+  # 0 vmaps all seeds in one step; g > 0 loops over groups of g vmapped seeds (less memory; same SAEs).
+  seed_group_size: int = 0
 
   def validate(self) -> None:
     """Raises ValueError with one line that says what to change."""
@@ -85,6 +87,7 @@ class TrainConfig:
       (self.checkpoint_every > 0 and self.log_every > 0, 'checkpoint_every and log_every must be positive'),
       (self.lr is None or self.lr > 0, f'lr={self.lr} must be positive (or None for the recipe value)'),
       (self.num_features > 0, 'num_features must be positive'),
+      (not self.feature_noise_std < 0, 'feature_noise_std must be >= 0'),
       (0 < self.feature_max_firing_prob <= 1, 'feature_max_firing_prob must be in (0, 1]'),
       (self.kernel_chunk_tokens > 0, 'kernel_chunk_tokens must be positive'),
     ]

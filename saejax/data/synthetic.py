@@ -64,7 +64,7 @@ class SyntheticSource(ActivationSource):
     magnitudes_BxF = jax.random.uniform(magnitude_key, shape, minval=0.5, maxval=1.5)
     coefficients_BxF = jnp.where(fires_BxF, magnitudes_BxF, 0.0)
     x_BxD = coefficients_BxF @ self.features_FxD + self.offset_D
-    if self.noise_std > 0:
+    if self.noise_std != 0:  # NaN noise must reach the trainer's finite check, not vanish here
       x_BxD = x_BxD + self.noise_std * jax.random.normal(noise_key, x_BxD.shape)
     return x_BxD
 

@@ -23,7 +23,9 @@ CONFIG = 'config.json'
 METRICS = 'metrics.jsonl'
 SUMMARY = 'summary.json'
 # Fields that may change between a run and its resumption: they do not change the trained SAEs.
-RESUMABLE_FIELDS = frozenset({'log_every', 'checkpoint_every', 'keep_checkpoints', 'mesh_data', 'mesh_model'})
+RESUMABLE_FIELDS = frozenset(
+  {'log_every', 'checkpoint_every', 'keep_checkpoints', 'mesh_data', 'mesh_model', 'seed_group_size'}
+)
 
 
 def write_json_atomic(path: str, data: Any) -> None:

@@ -7,6 +7,7 @@ its own clipping, Adam moments and dead-latent counter.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,8 +56,13 @@ def set_b_dec(state: TrainState, b_dec_D: jax.Array) -> TrainState:
 
 
 def make_train_step(arch: sae_lib.Architecture, spec: sae_lib.SaeSpec, tx: optax.GradientTransformation,
-                    dead_tokens: int) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
-  """Returns the pure step `(state, x_BxD) -> (state, metrics)`; metrics hold one value per seed."""
+                    dead_tokens: int, seed_group_size: int = 0) -> Callable[[TrainState, jax.Array], tuple]:
+  """Returns the pure step `(state, x_BxD) -> (state, metrics)`; metrics hold one value per seed.
+
+  `seed_group_size` g > 0 runs the seeds as a sequential loop over groups of g vmapped seeds: the same
+  result, less peak memory, and on CPU faster scatters (XLA's batched scatter is slower than a loop of
+  unbatched ones). 0 vmaps all seeds at once.
+  """
 
   def seed_step(params, opt_state, since_fired_F, x_BxD):
     dead_F = since_fired_F >= dead_tokens
@@ -74,8 +80,22 @@ def make_train_step(arch: sae_lib.Architecture, spec: sae_lib.SaeSpec, tx: optax
     }
     return params, opt_state, since_fired_F, metrics
 
+  all_seeds_step = jax.vmap(seed_step, in_axes=(0, 0, 0, None))
+
+  def grouped_seeds_step(params, opt_state, since_fired, x_BxD):
+    num_seeds = since_fired.shape[0]
+    if seed_group_size <= 0 or seed_group_size >= num_seeds:
+      return all_seeds_step(params, opt_state, since_fired, x_BxD)
+    if num_seeds % seed_group_size:
+      raise ValueError(f'seed_group_size={seed_group_size} must divide the {num_seeds} seeds')
+    groups = num_seeds // seed_group_size
+    split = functools.partial(jax.tree.map, lambda a: a.reshape(groups, seed_group_size, *a.shape[1:]))
+    merge = functools.partial(jax.tree.map, lambda a: a.reshape(num_seeds, *a.shape[2:]))
+    out = jax.lax.map(lambda g: all_seeds_step(*g, x_BxD), split((params, opt_state, since_fired)))
+    return merge(out)
+
   def train_step(state: TrainState, x_BxD: jax.Array) -> tuple[TrainState, dict]:
-    params, opt_state, since_fired, metrics = jax.vmap(seed_step, in_axes=(0, 0, 0, None))(
+    params, opt_state, since_fired, metrics = grouped_seeds_step(
       state['params'], state['opt_state'], state['tokens_since_fired'], x_BxD
     )
     metrics['input_finite'] = jnp.all(jnp.isfinite(x_BxD))

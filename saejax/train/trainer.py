@@ -92,7 +92,9 @@ class Trainer:
     return step_lib.set_b_dec(state, sae_lib.data_b_dec(self.source.batch_at(0), self.config.b_dec_init))
 
   def compiled_step(self, state: step_lib.TrainState):
-    step_fn = step_lib.make_train_step(self.arch, self.spec, self.tx, self.config.dead_tokens)
+    step_fn = step_lib.make_train_step(
+      self.arch, self.spec, self.tx, self.config.dead_tokens, self.config.seed_group_size
+    )
     return step_lib.jit_train_step(step_fn, state, self.mesh, self.config.num_latents)
 
   def _initial_state(self, ckpt: checkpoint.Checkpointer) -> step_lib.TrainState:
@@ -110,20 +112,19 @@ class Trainer:
     config = self.config
     run_folder.prepare(self.workdir, config)
     self.source.save_artifacts(self.workdir)
-    ckpt = checkpoint.Checkpointer(self.workdir, keep=config.keep_checkpoints)
-    try:
-      state = self._initial_state(ckpt)
-      start = int(state['step'])
-      train_step = self.compiled_step(state)
-      with _Stop() as stop:
-        state, step, preempted = self._loop(state, start, train_step, ckpt, stop)
+    # The handler covers restore and compilation too: a SIGTERM there is honoured after the next step.
+    with _Stop() as stop:
+      ckpt = checkpoint.Checkpointer(self.workdir, keep=config.keep_checkpoints)
+      try:
+        state = self._initial_state(ckpt)
+        train_step = self.compiled_step(state)
+        state, step, preempted = self._loop(state, int(state['step']), train_step, ckpt, stop)
+      finally:
+        ckpt.close()
       if preempted:
         logging.info('stopped by SIGTERM at step %d; checkpoint saved, rerun the same command to resume', step)
         return RunResult('preempted', step, {})
-    finally:
-      ckpt.close()
-    summary = self._finish(state)
-    return RunResult('completed', step, summary)
+      return RunResult('completed', step, self._finish(state))
 
   def _loop(self, state, start, train_step, ckpt, stop):
     config = self.config

@@ -1,0 +1,138 @@
+"""Benchmarks that print JSON lines naming the machine. Not tests: speed is measured here, never asserted.
+
+  python -m experiments.benchmark train --d_in=768 --num_latents=8192 --k=32 --batch=2048 --seeds=1,9
+
+`train` times the full jitted step (all seeds) next to the unavoidable encoder product [B,d] x [d,M] for one
+seed, measured in the same process with the same dtype, and EleutherAI sparsify's own step at the same shapes
+(`--sparsify=false` to skip). Timings are the minimum over interleaved repeats, since this machine is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from saejax import sharding as shd
+from saejax.config import TrainConfig
+from saejax.train.trainer import Trainer
+
+_D_IN = flags.DEFINE_integer('d_in', 768, 'Activation width d.')
+_NUM_LATENTS = flags.DEFINE_integer('num_latents', 8192, 'Latents M per SAE.')
+_K = flags.DEFINE_integer('k', 32, 'Active latents per token.')
+_BATCH = flags.DEFINE_integer('batch', 2048, 'Tokens per step.')
+_SEEDS = flags.DEFINE_list('seeds', ['1', '9'], 'Seed counts S to time, one JSON line each.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats (minimum reported).')
+_ARCH = flags.DEFINE_string('arch', 'topk', 'SAE architecture.')
+_SEED_GROUP = flags.DEFINE_integer('seed_group_size', 0, 'TrainConfig.seed_group_size (0: vmap all seeds).')
+_CHUNK = flags.DEFINE_integer('chunk_tokens', 32, 'TrainConfig.kernel_chunk_tokens.')
+_SPARSIFY = flags.DEFINE_bool('sparsify', True, "Also time EleutherAI sparsify's step at the same shapes.")
+
+
+def machine() -> dict:
+  device = jax.devices()[0]
+  return {
+    'platform': device.platform,
+    'device': device.device_kind,
+    'num_devices': jax.device_count(),
+    'cpu': platform.processor() or platform.machine(),
+    'cpu_count': os.cpu_count(),
+    'python': platform.python_version(),
+    'jax': jax.__version__,
+  }
+
+
+def _time(fn, repeats: int) -> list[float]:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def encoder_matmul_seconds(batch: int, d_in: int, num_latents: int, repeats: int) -> float:
+  x_BxD = jax.random.normal(jax.random.PRNGKey(0), (batch, d_in), jnp.float32)
+  W_DxF = jax.random.normal(jax.random.PRNGKey(1), (d_in, num_latents), jnp.float32)
+  matmul = jax.jit(lambda x, w: x @ w)
+  jax.block_until_ready(matmul(x_BxD, W_DxF))
+  return min(_time(lambda: matmul(x_BxD, W_DxF), repeats))
+
+
+def train_step_seconds(num_seeds: int, repeats: int) -> tuple[float, float]:
+  """Min step time for all seeds, and the min encoder matmul time measured between the step repeats."""
+  config = TrainConfig(
+    arch=_ARCH.value, d_in=_D_IN.value, num_latents=_NUM_LATENTS.value, k=_K.value, batch_size=_BATCH.value,
+    num_tokens=_BATCH.value * 100_000, init_seeds=tuple(range(num_seeds)), seed_group_size=_SEED_GROUP.value,
+    kernel_chunk_tokens=_CHUNK.value, source='synthetic', num_features=2 * _D_IN.value,
+  )
+  trainer = Trainer(config, workdir='', mesh=shd.make_mesh(-1, 1))
+  state = trainer.fresh_state()
+  step = trainer.compiled_step(state)
+  x_BxD = trainer.source.batch_at(0)
+  state, _ = step(state, x_BxD)  # compile
+  jax.block_until_ready(state)
+  step_times, matmul_times = [], []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, metrics = step(state, x_BxD)
+    jax.block_until_ready((state, metrics))
+    step_times.append(time.perf_counter() - start)
+    matmul_times.append(encoder_matmul_seconds(_BATCH.value, _D_IN.value, _NUM_LATENTS.value, 2))
+  return min(step_times), min(matmul_times)
+
+
+def bench_train() -> None:
+  sparsify = None
+  if _SPARSIFY.value:
+    try:
+      from experiments.sparsify_baseline import sparsify_step_seconds
+
+      sparsify = sparsify_step_seconds(_D_IN.value, _NUM_LATENTS.value, _K.value, _BATCH.value, repeats=_REPEATS.value)
+    except ImportError as error:
+      sparsify = {'error': f'sparsify unavailable: {error}'}
+  for num_seeds in (int(s) for s in _SEEDS.value):
+    step_s, matmul_s = train_step_seconds(num_seeds, _REPEATS.value)
+    record = {
+      'bench': 'train',
+      'seeds': num_seeds,
+      'arch': _ARCH.value,
+      'd_in': _D_IN.value,
+      'num_latents': _NUM_LATENTS.value,
+      'k': _K.value,
+      'batch': _BATCH.value,
+      'step_s': round(step_s, 5),
+      'tokens_per_s': round(_BATCH.value / step_s, 1),
+      'encoder_matmul_s': round(matmul_s, 5),
+      'step_over_S_matmul': round(step_s / (num_seeds * matmul_s), 3),
+      'seed_group_size': _SEED_GROUP.value,
+      'chunk_tokens': _CHUNK.value,
+      'machine': machine(),
+    }
+    if sparsify and 'step_s' in sparsify:
+      record['sparsify_step_s'] = round(sparsify['step_s'], 5)
+      record['per_seed_s_over_sparsify'] = round(step_s / num_seeds / sparsify['step_s'], 3)
+      record['sparsify'] = {key: sparsify.get(key) for key in ('torch', 'sparsify', 'threads', 'optimizer')}
+    elif sparsify:
+      record['sparsify'] = sparsify
+    print(json.dumps(record), flush=True)
+
+
+BENCHES = {'train': bench_train}
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) != 2 or argv[1] not in BENCHES:
+    raise app.UsageError(f'usage: python -m experiments.benchmark {{{",".join(BENCHES)}}} [--flags]')
+  np.set_printoptions(precision=4)
+  BENCHES[argv[1]]()
+
+
+if __name__ == '__main__':
+  app.run(main)
