@@ -30,7 +30,7 @@ _BATCH = flags.DEFINE_integer('batch', 2048, 'Tokens per step.')
 _SEEDS = flags.DEFINE_list('seeds', ['1', '9'], 'Seed counts S to time, one JSON line each.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats (minimum reported).')
 _ARCH = flags.DEFINE_string('arch', 'topk', 'SAE architecture.')
-_SEED_GROUP = flags.DEFINE_integer('seed_group_size', 0, 'TrainConfig.seed_group_size (0: vmap all seeds).')
+_SEED_GROUP = flags.DEFINE_integer('seed_group_size', -1, 'TrainConfig.seed_group_size (0: vmap all; -1: auto).')
 _CHUNK = flags.DEFINE_integer('chunk_tokens', 32, 'TrainConfig.kernel_chunk_tokens.')
 _SPARSIFY = flags.DEFINE_bool('sparsify', True, "Also time EleutherAI sparsify's step at the same shapes.")
 

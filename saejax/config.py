@@ -69,8 +69,9 @@ class TrainConfig:
   mesh_model: int = 1
   # Tokens per chunk in the sparse TopK kernels: bounds the gathered-rows working set.
   kernel_chunk_tokens: int = 32
-  # 0 vmaps all seeds in one step; g > 0 loops over groups of g vmapped seeds (less memory; same SAEs).
-  seed_group_size: int = 0
+  # 0 vmaps all seeds in one step; g > 0 loops over groups of g vmapped seeds (less memory; same SAEs);
+  # -1 picks per platform: 1 on CPU, where a seed's rows stay in cache, 0 on accelerators.
+  seed_group_size: int = -1
 
   def validate(self) -> None:
     """Raises ValueError with one line that says what to change."""
@@ -94,6 +95,11 @@ class TrainConfig:
     for ok, message in checks:
       if not ok:
         raise ValueError(message)
+
+  def resolved_seed_group_size(self, platform: str) -> int:
+    if self.seed_group_size >= 0:
+      return self.seed_group_size
+    return 1 if platform == 'cpu' else 0
 
   @property
   def num_steps(self) -> int:

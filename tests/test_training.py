@@ -80,3 +80,13 @@ def test_same_saes_on_any_mesh(data, model):
   params, _ = train_in_memory(config, mesh)
   for name in reference:
     np.testing.assert_allclose(params[name], reference[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize('group', [1, 3])
+def test_seed_groups_give_the_same_saes(group):
+  config = dataclasses.replace(TINY, init_seeds=(0, 1, 2, 3, 4, 5), num_tokens=256 * 15)
+  reference, reference_history = train_in_memory(config, SINGLE)
+  params, history = train_in_memory(dataclasses.replace(config, seed_group_size=group), SINGLE)
+  for name in reference:
+    np.testing.assert_allclose(params[name], reference[name], rtol=1e-4, atol=1e-5, err_msg=name)
+  np.testing.assert_allclose(history[-1]['fvu'], reference_history[-1]['fvu'], rtol=1e-4)

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import optax
 from jax.sharding import Mesh
@@ -89,10 +90,18 @@ def make_train_step(arch: sae_lib.Architecture, spec: sae_lib.SaeSpec, tx: optax
     if num_seeds % seed_group_size:
       raise ValueError(f'seed_group_size={seed_group_size} must divide the {num_seeds} seeds')
     groups = num_seeds // seed_group_size
-    split = functools.partial(jax.tree.map, lambda a: a.reshape(groups, seed_group_size, *a.shape[1:]))
-    merge = functools.partial(jax.tree.map, lambda a: a.reshape(num_seeds, *a.shape[2:]))
-    out = jax.lax.map(lambda g: all_seeds_step(*g, x_BxD), split((params, opt_state, since_fired)))
-    return merge(out)
+    metrics_shape = jax.eval_shape(all_seeds_step, *jax.tree.map(lambda a: a[:seed_group_size],
+                                                                 (params, opt_state, since_fired)), x_BxD)[-1]
+    metrics = jax.tree.map(lambda m: jnp.zeros((num_seeds, *m.shape[1:]), m.dtype), metrics_shape)
+
+    def group_step(group, carry):
+      # Slicing and updating the stacked carry in place avoids the copies a lax.map over seeds makes.
+      start = group * seed_group_size
+      take = functools.partial(jax.tree.map, lambda a: lax.dynamic_slice_in_dim(a, start, seed_group_size))
+      out = all_seeds_step(*take(carry[:3]), x_BxD)
+      return jax.tree.map(lambda a, b: lax.dynamic_update_slice_in_dim(a, b, start, 0), carry, out)
+
+    return lax.fori_loop(0, groups, group_step, (params, opt_state, since_fired, metrics))
 
   def train_step(state: TrainState, x_BxD: jax.Array) -> tuple[TrainState, dict]:
     params, opt_state, since_fired, metrics = grouped_seeds_step(

@@ -93,7 +93,8 @@ class Trainer:
 
   def compiled_step(self, state: step_lib.TrainState):
     step_fn = step_lib.make_train_step(
-      self.arch, self.spec, self.tx, self.config.dead_tokens, self.config.seed_group_size
+      self.arch, self.spec, self.tx, self.config.dead_tokens,
+      self.config.resolved_seed_group_size(self.mesh.devices.flat[0].platform),
     )
     return step_lib.jit_train_step(step_fn, state, self.mesh, self.config.num_latents)
 
