@@ -13,9 +13,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
 import optax
+from jax import lax
 from jax.sharding import Mesh
 
 from saejax import sae as sae_lib
