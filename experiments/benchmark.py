@@ -1,10 +1,13 @@
 """Benchmarks that print JSON lines naming the machine. Not tests: speed is measured here, never asserted.
 
   python -m experiments.benchmark train --d_in=768 --num_latents=8192 --k=32 --batch=2048 --seeds=1,9
+  python -m experiments.benchmark align [--ns=4096,8192,16384,32768,131072]
 
 `train` times the full jitted step (all seeds) next to the unavoidable encoder product [B,d] x [d,M] for one
 seed, measured in the same process with the same dtype, and EleutherAI sparsify's own step at the same shapes
 (`--sparsify=false` to skip). Timings are the minimum over interleaved repeats, since this machine is shared.
+`align` matches planted SAE pairs (encoder + decoder) per n with saejax and with dense SciPy as the paper did,
+each in its own process, reporting seconds and peak RSS.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats (minimum reported).
 _ARCH = flags.DEFINE_string('arch', 'topk', 'SAE architecture.')
 _SEED_GROUP = flags.DEFINE_integer('seed_group_size', -1, 'TrainConfig.seed_group_size (0: vmap all; -1: auto).')
 _CHUNK = flags.DEFINE_integer('chunk_tokens', 32, 'TrainConfig.kernel_chunk_tokens.')
+_ALIGN_NS = flags.DEFINE_list('ns', ['4096', '8192', '16384', '32768', '131072'], 'align: latent counts n.')
+_N = flags.DEFINE_integer('n', 4096, 'align_one: latent count.')
+_IMPL = flags.DEFINE_enum('impl', 'saejax', ['saejax', 'scipy'], 'align_one: implementation.')
+_METHOD = flags.DEFINE_enum('method', 'auto', ['auto', 'dense', 'sparse'], 'align: saejax method.')
+_SCIPY_MAX_BYTES = flags.DEFINE_integer('scipy_max_bytes', 16 * 2**30, 'align: skip SciPy above this estimate.')
 _SPARSIFY = flags.DEFINE_bool('sparsify', True, "Also time EleutherAI sparsify's step at the same shapes.")
 
 
@@ -124,7 +132,74 @@ def bench_train() -> None:
     print(json.dumps(record), flush=True)
 
 
-BENCHES = {'train': bench_train}
+def planted_pair(n: int, d_in: int, seed: int, planted: float = 0.5, noise: float = 0.45):
+  """Two [n, d] row sets: `planted` of B's rows are noisy permuted copies of A's (cos ~0.9), the rest random."""
+  rng = np.random.default_rng(seed)
+  A_NxD = rng.standard_normal((n, d_in), dtype=np.float32)
+  A_NxD /= np.linalg.norm(A_NxD, axis=1, keepdims=True)
+  B_NxD = rng.standard_normal((n, d_in), dtype=np.float32)
+  copies = rng.random(n) < planted
+  B_NxD[copies] = A_NxD[copies] + noise * B_NxD[copies] / np.sqrt(d_in)
+  return A_NxD, B_NxD[rng.permutation(n)]
+
+
+def bench_align_one() -> dict:
+  """One (n, implementation) measurement in this process: an encoder and a decoder matching, as for one pair."""
+  import resource
+
+  n, impl = _N.value, _IMPL.value
+  timings, certified, totals = [], [], []
+  for matching in range(2):
+    A_NxD, B_NxD = planted_pair(n, _D_IN.value, seed=matching)
+    start = time.perf_counter()
+    if impl == 'scipy':
+      from scipy.optimize import linear_sum_assignment
+
+      cos_NxN = A_NxD @ B_NxD.T  # the paper's dense float32 matrix, then SciPy on the CPU
+      rows, cols = linear_sum_assignment(cos_NxN, maximize=True)
+      totals.append(float(cos_NxN[rows, cols].astype(np.float64).sum()))
+      certified.append(True)
+      del cos_NxN
+    else:
+      from saejax.align.match import match_latents
+
+      result = match_latents(A_NxD, B_NxD, method=_METHOD.value)
+      totals.append(result.total)
+      certified.append(bool(result.certified_optimal))
+      impl = f'saejax-{result.method}'
+    timings.append(time.perf_counter() - start)
+  peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return {
+    'bench': 'align', 'n': n, 'd_in': _D_IN.value, 'impl': impl, 'pair_s': round(sum(timings), 3),
+    'matching_s': [round(t, 3) for t in timings], 'peak_rss_gb': round(peak_kib / 2**20, 3),
+    'certified_optimal': all(certified), 'totals': totals, 'machine': machine(),
+  }
+
+
+def bench_align() -> None:
+  """Runs each (n, implementation) in a fresh process so peak RSS belongs to that measurement alone."""
+  import subprocess
+  import sys
+
+  for n in (int(v) for v in _ALIGN_NS.value):
+    impls = ['saejax'] + (['scipy'] if 20 * n * n <= _SCIPY_MAX_BYTES.value else [])
+    for impl in impls:
+      command = [sys.executable, '-m', 'experiments.benchmark', 'align_one', f'--n={n}', f'--impl={impl}',
+                 f'--d_in={_D_IN.value}', f'--method={_METHOD.value}']
+      done = subprocess.run(command, capture_output=True, text=True)
+      lines = [line for line in done.stdout.splitlines() if line.startswith('{')]
+      print(lines[-1] if lines else json.dumps({'bench': 'align', 'n': n, 'impl': impl,
+                                               'error': done.stderr.strip().splitlines()[-1:]}), flush=True)
+    if 'scipy' not in impls:
+      print(json.dumps({'bench': 'align', 'n': n, 'impl': 'scipy', 'skipped': 'dense float32 matrix + float64 '
+                        f'copies need ~{20 * n * n / 2**30:.0f} GiB, over --scipy_max_bytes'}), flush=True)
+
+
+def bench_align_one_main() -> None:
+  print(json.dumps(bench_align_one()), flush=True)
+
+
+BENCHES = {'train': bench_train, 'align': bench_align, 'align_one': bench_align_one_main}
 
 
 def main(argv: list[str]) -> None:

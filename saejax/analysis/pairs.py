@@ -25,12 +25,29 @@ import numpy as np
 # Fig. A1's x axis: 0.00, 0.05, ..., 1.00.
 SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))
 SUMMARY_KEYS = (
-  'shared_fraction', 'shared_fraction_notebook', 'partner_agreement', 'mean_cos_enc', 'mean_cos_dec',
-  'mean_max_cos_enc', 'mean_max_cos_dec', 'method', 'certified_optimal', 'threshold', 'n_a', 'n_b',
+  'shared_fraction',
+  'shared_fraction_notebook',
+  'partner_agreement',
+  'mean_cos_enc',
+  'mean_cos_dec',
+  'mean_max_cos_enc',
+  'mean_max_cos_dec',
+  'method',
+  'certified_optimal',
+  'threshold',
+  'n_a',
+  'n_b',
   'threshold_sweep',
 )
 NPZ_ARRAYS = (
-  'enc_partner', 'dec_partner', 'enc_cos', 'dec_cos', 'shared', 'shared_notebook', 'enc_max_cos', 'dec_max_cos',
+  'enc_partner',
+  'dec_partner',
+  'enc_cos',
+  'dec_cos',
+  'shared',
+  'shared_notebook',
+  'enc_max_cos',
+  'dec_max_cos',
 )
 
 
@@ -170,9 +187,7 @@ def analyse_pair(
     'n_b': int(np.shape(sae_b['W_enc'])[0]),
     'threshold_sweep': threshold_sweep(out['enc_partner'], out['dec_partner'], out['enc_cos'], out['dec_cos']),
   }
-  return PairResult(
-    **out, shared=shared_A, shared_notebook=notebook_A, summary=summary, swapped=swapped, stats=stats
-  )
+  return PairResult(**out, shared=shared_A, shared_notebook=notebook_A, summary=summary, swapped=swapped, stats=stats)
 
 
 def _mean(x) -> float:

@@ -1,0 +1,108 @@
+"""Match the latents of every pair of SAEs and write the paper's seed analyses.
+
+  python -m experiments.align --workdir=RUN                      # all seeds under RUN/saes/<hookpoint>/
+  python -m experiments.align --saes DIR_A DIR_B [DIR ...] --out=OUT   # any folders (EleutherAI or SAELens)
+
+Flags: --out (default RUN/alignment), --threshold 0.7, --method auto|dense|sparse, --hookpoint (when a run
+has several), --firing_tokens N (firing frequencies for Fig. 3, from the run's own activation source).
+Exit codes: 0 done, 2 bad input (one line on stderr; nothing is left half-written).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A training run folder; aligns all seeds of one hookpoint.')
+_SAES = flags.DEFINE_multi_string('saes', None, 'SAE folders to align (recipe.md section 4 or SAELens layout).')
+_OUT = flags.DEFINE_string('out', None, 'Output folder (default RUN/alignment).')
+_THRESHOLD = flags.DEFINE_float('threshold', 0.7, 'Cosine a shared latent must reach in both matchings.')
+_METHOD = flags.DEFINE_enum('method', 'auto', ['auto', 'dense', 'sparse'], 'Assignment solver.')
+_HOOKPOINT = flags.DEFINE_string('hookpoint', None, 'Which hookpoint of the run (default: the only one).')
+_WORKERS = flags.DEFINE_integer('workers', None, 'Pairs matched in parallel (default: CPU count).')
+_FIRING_TOKENS = flags.DEFINE_integer('firing_tokens', 1_000_000, 'Tokens for firing frequencies (0: skip).')
+
+
+def fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def run_sae_dirs(workdir: str, hookpoint: str | None) -> tuple[str, dict[str, str]]:
+  root = os.path.join(workdir, 'saes')
+  hookpoints = sorted(os.listdir(root)) if os.path.isdir(root) else []
+  if not hookpoints:
+    raise FileNotFoundError(f'{root} holds no exported SAEs; train first (python -m experiments.train ...)')
+  if hookpoint is None:
+    if len(hookpoints) > 1:
+      raise ValueError(f'{workdir} has several hookpoints {hookpoints}; choose one with --hookpoint')
+    hookpoint = hookpoints[0]
+  folders = glob.glob(os.path.join(root, hookpoint, 'seed*'))
+  by_seed = sorted(folders, key=lambda p: int(re.sub(r'\D', '', os.path.basename(p)) or 0))
+  return hookpoint, {os.path.basename(path): path for path in by_seed}
+
+
+def run_firing(workdir: str, sae_dirs: dict[str, str], num_tokens: int):
+  """Counts firing over tokens after the run's training stream; reuses stored counts when enough."""
+  from saejax import data, formats
+  from saejax import sae as sae_lib
+  from saejax import sharding as shd
+  from saejax.analysis import firing
+  from saejax.config import TrainConfig
+
+  stored = firing.load_counts(workdir)
+  if stored is not None and int(stored['tokens']) >= num_tokens and list(stored['seeds']) == list(sae_dirs):
+    return stored
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = TrainConfig.from_json(json.load(f))
+  loaded = [formats.load_sae(path)[0] for path in sae_dirs.values()]
+  params = {name: np.stack([p[name] for p in loaded]) for name in loaded[0]}
+  source = data.make_source(config, shd.batch_sharding(shd.make_mesh()))
+  counts, tokens = firing.count_firing(params, sae_lib.SaeSpec.from_config(config), source, num_tokens,
+                                       start_position=config.num_steps)
+  firing.save_counts(workdir, counts, tokens, list(sae_dirs))
+  return firing.load_counts(workdir)
+
+
+def main(argv: list[str]) -> None:
+  # `--saes A B C`: absl takes A as the flag value and leaves B, C as positional arguments.
+  extra = argv[1:]
+  if extra and not _SAES.value:
+    fail(f'unexpected arguments {extra}; pass SAE folders after --saes')
+  if bool(_WORKDIR.value) == bool(_SAES.value):
+    fail('give exactly one of --workdir=RUN or --saes DIR [DIR ...]')
+  from saejax.analysis import alignment_run
+
+  try:
+    firing_counts = None
+    if _WORKDIR.value:
+      hookpoint, sae_dirs = run_sae_dirs(_WORKDIR.value, _HOOKPOINT.value)
+      out = _OUT.value or os.path.join(_WORKDIR.value, 'alignment')
+      if _FIRING_TOKENS.value > 0:
+        try:
+          firing_counts = run_firing(_WORKDIR.value, sae_dirs, _FIRING_TOKENS.value)
+        except RuntimeError as error:  # e.g. the run's activation source is unavailable here
+          logging.warning('skipping firing frequencies (Fig. 3): %s', error)
+    else:
+      folders = list(_SAES.value) + extra
+      if not _OUT.value:
+        fail('--out is required with --saes')
+      names = [os.path.basename(os.path.normpath(path)) for path in folders]
+      if len(set(names)) != len(names):
+        fail(f'SAE folder names must differ (they name the pairs): {names}')
+      sae_dirs, out = dict(zip(names, folders)), _OUT.value
+    alignment_run.run_alignment(sae_dirs, out, threshold=_THRESHOLD.value, method=_METHOD.value,
+                                workers=_WORKERS.value, firing=firing_counts)
+  except (ValueError, FileNotFoundError) as error:
+    fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+  logging.info('done: %s', out)
+
+
+if __name__ == '__main__':
+  app.run(main)

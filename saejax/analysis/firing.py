@@ -1,0 +1,72 @@
+"""Firing frequency of every latent of every seed (the paper's Fig. 3 input).
+
+A latent "fires" on a token when it is among the k active latents (TopK) or, for the other architectures,
+when its activation is positive. Counts run on the accelerator over N tokens of an activation source, all
+seeds in one jitted step per batch, and are stored in the run folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from saejax import sae as sae_lib
+from saejax.sae import kernels
+
+FIRING_FILE = 'firing_counts.npz'
+
+
+def _count_fn(arch: sae_lib.Architecture, spec: sae_lib.SaeSpec):
+  def seed_counts(params, x_BxD):
+    if spec.arch == 'topk':
+      pre_BxF = (x_BxD - params['b_dec']) @ params['W_enc'].T + params['b_enc']
+      top_BxK, idx_BxK = kernels.global_top_k(pre_BxF, spec.k, spec.latent_shards)
+      fired = (top_BxK > 0).reshape(-1).astype(jnp.int32)
+      return jnp.zeros(spec.num_latents, jnp.int32).at[idx_BxK.reshape(-1)].add(fired)
+    return jnp.sum(arch.encode(params, x_BxD, spec) > 0, axis=0, dtype=jnp.int32)
+
+  return jax.jit(jax.vmap(seed_counts, in_axes=(0, None)))
+
+
+def count_firing(
+  params_S: Mapping[str, np.ndarray],
+  spec: sae_lib.SaeSpec,
+  source,
+  num_tokens: int,
+  start_position: int = 0,
+  progress: bool = True,
+) -> tuple[np.ndarray, int]:
+  """Counts per seed and latent over at least `num_tokens` tokens, reading batches from `start_position`.
+
+  Returns (counts [S, F] int64, tokens counted). Positions after the training run's last step are tokens
+  the SAEs never trained on.
+  """
+  arch = sae_lib.get(spec.arch)
+  counts_fn = _count_fn(arch, spec)
+  params = {name: jnp.asarray(value) for name, value in params_S.items()}
+  num_batches = max(1, -(-num_tokens // source.batch_size))
+  total_SxF = np.zeros((params['W_dec'].shape[0], spec.num_latents), np.int64)
+  for position in tqdm(range(start_position, start_position + num_batches), desc='firing', disable=not progress):
+    total_SxF += np.asarray(counts_fn(params, source.batch_at(position)))
+  return total_SxF, num_batches * source.batch_size
+
+
+def save_counts(workdir: str, counts_SxF: np.ndarray, tokens: int, seeds: list[str]) -> str:
+  path = os.path.join(workdir, FIRING_FILE)
+  tmp = f'{path}.tmp{os.getpid()}.npz'
+  np.savez(tmp, counts=counts_SxF, tokens=np.int64(tokens), seeds=np.asarray(seeds))
+  os.replace(tmp, path)
+  return path
+
+
+def load_counts(workdir: str) -> dict[str, np.ndarray] | None:
+  path = os.path.join(workdir, FIRING_FILE)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as data:
+    return {name: data[name] for name in data.files}

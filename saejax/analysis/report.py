@@ -1,0 +1,197 @@
+"""The Markdown report of an analysis run: the per-pair table, the multi-seed numbers and the embedded figures.
+
+This module owns `report.md`'s layout and number formatting (4 significant digits). It reads plain dicts (the
+pair summaries of pairs.py, the seed statistics of seeds.py, the Fig. 2 fits of fits.py) and the figure paths
+from figures.py; it computes nothing beyond a mean and a percentage. The file is written atomically (temporary
+name, os.replace).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from saejax.analysis.figures import fit_entries
+
+PAIR_COLUMNS = (
+  'a',
+  'b',
+  'shared_fraction',
+  'shared_fraction_notebook',
+  'partner_agreement',
+  'mean_cos_enc',
+  'mean_cos_dec',
+  'mean_max_cos_enc',
+  'mean_max_cos_dec',
+  'method',
+  'certified_optimal',
+)
+FIT_FORMULAS = {
+  'power_law_offset': 'a·k^b + c',
+  'power_law': 'a·k^b',
+  'exponential_offset': 'a·exp(−b·k) + c',
+}
+# Figure key (or file name) prefix -> (title, one-line caption).
+CAPTIONS = {
+  '1': (
+    'Fig. 1',
+    'Encoder vs decoder matched cosine of every latent of one pair, coloured by whether the encoder '
+    'and decoder matchings pick the same partner, with KDE density contours and the threshold lines.',
+  ),
+  '2': (
+    'Fig. 2',
+    "Fraction of a base SAE's latents found in no other SAE vs the number of SAEs k (mean over "
+    'bases and subsets), with the fitted power laws and exponential.',
+  ),
+  '3': (
+    'Fig. 3',
+    'Firing frequency of each base latent vs its mean matched cosine over the other seeds, coloured '
+    'by how many other seeds share it.',
+  ),
+  'a1': (
+    'Fig. A1',
+    'Fraction of shared latents vs the cosine threshold: paper rule (same partner in both '
+    'matchings) solid, notebook rule (both cosines only) dashed.',
+  ),
+  'a2': (
+    'Fig. A2',
+    'Distribution of the Hungarian matched cosine vs the max cosine (not a bijection), and of their gap per latent.',
+  ),
+}
+
+
+def write_report(out_dir, summary: Mapping[str, Any], figures: Mapping[str, str]) -> str:
+  """Writes `out_dir/report.md` atomically and returns its path.
+
+  summary: {'title'?: str, 'pairs': [{'a', 'b', 'shared_fraction', ...PAIR_COLUMNS}], 'seeds'?: {
+  'unique_fraction_by_k': {k: frac}, 'exactly_in_n': {base: [count in exactly 1, 2, ... SAEs]}, 'fits': {...}}}.
+  The fits may also come in fits.py's layout ({'models': {...}, 'best'}; figures.fit_entries).
+  figures: {name: png path}, in the order to embed; a relative path is taken as relative to out_dir when it
+  exists there or nowhere (a bare file name beside report.md), else as relative to the working directory.
+  """
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  lines = [f'# {summary.get("title", "Seed dependence of SAE latents")}', '']
+  lines += _pairs_section(summary.get('pairs') or [])
+  if summary.get('seeds'):
+    lines += _seeds_section(summary['seeds'])
+  if figures:
+    lines += ['## Figures', '']
+    for name, fig_path in figures.items():
+      title, caption = figure_caption(name, fig_path)
+      rel = _link(os.fspath(fig_path), out_dir)
+      lines += [f'![{title}]({rel})', '', f'*{title}.* {caption}', '']
+  path = os.path.join(out_dir, 'report.md')
+  tmp = f'{path}.tmp{os.getpid()}-{id(lines)}'
+  try:
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.write('\n'.join(lines).rstrip() + '\n')
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def figure_caption(name: str, fig_path: str = '') -> tuple[str, str]:
+  """(title, caption) for a figure keyed like 'fig1' / 'figA2' (or so named on disk); a generic one otherwise."""
+  for candidate in (name, os.path.basename(os.fspath(fig_path))):
+    match = re.match(r'fig(?:ure)?[_ .-]?(a?\d+)(?!\d)', str(candidate).lower())
+    if match and match.group(1) in CAPTIONS:
+      return CAPTIONS[match.group(1)]
+  return str(name), f'Figure {name}.'
+
+
+def fmt(value: Any) -> str:
+  """A table cell: 4 significant digits for floats, yes/no for booleans, '—' for None."""
+  if value is None:
+    return '—'
+  if isinstance(value, bool | np.bool_):
+    return 'yes' if value else 'no'
+  if isinstance(value, int | np.integer):
+    return str(int(value))
+  if isinstance(value, float | np.floating):
+    return f'{float(value):.4g}'
+  return str(value).replace('|', '\\|').replace('\n', ' ')
+
+
+def _link(fig_path: str, out_dir: str) -> str:
+  """The path of the figure relative to out_dir, with '/' separators (see write_report's docstring)."""
+  beside = not os.path.isabs(fig_path) and (
+    os.path.exists(os.path.join(out_dir, fig_path)) or not os.path.exists(fig_path)
+  )
+  rel = fig_path if beside else os.path.relpath(os.path.abspath(fig_path), os.path.abspath(out_dir))
+  return rel.replace(os.sep, '/')
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+  lines += ['| ' + ' | '.join(fmt(cell) for cell in row) + ' |' for row in rows]
+  return lines + ['']
+
+
+def _pairs_section(pairs: list[Mapping[str, Any]]) -> list[str]:
+  lines = ['## Pairs', '']
+  if not pairs:
+    return lines + ['No pairs.', '']
+  threshold = pairs[0].get('threshold')
+  rule = 'a latent is shared when its encoder and decoder matchings pick the same partner and both cosines are'
+  lines += [
+    f'Paper rule: {rule} >= {fmt(threshold) if threshold is not None else "the threshold"}; the notebook '
+    'rule drops the same-partner condition. Cosines are of Hungarian-matched latents, max cosines of the '
+    'nearest latent (not a bijection).',
+    '',
+  ]
+  lines += _table(list(PAIR_COLUMNS), [[pair.get(col) for col in PAIR_COLUMNS] for pair in pairs])
+  fractions = np.array([p['shared_fraction'] for p in pairs if p.get('shared_fraction') is not None], np.float64)
+  if fractions.size > 1:
+    lines += [
+      f'Shared fraction over {fractions.size} pairs: mean {fmt(fractions.mean())}, std '
+      f'{fmt(fractions.std())}, range {fmt(fractions.min())}–{fmt(fractions.max())}.',
+      '',
+    ]
+  return lines
+
+
+def _seeds_section(seeds: Mapping[str, Any]) -> list[str]:
+  lines = ['## Seeds', '']
+  if seeds.get('names'):
+    lines += [
+      f'{len(seeds["names"])} SAEs: {", ".join(map(str, seeds["names"]))}.'
+      + (f' Rule: {seeds["rule"]}.' if seeds.get('rule') else ''),
+      '',
+    ]
+  curve = seeds.get('unique_fraction_by_k') or {}
+  if curve:
+    lines += ['### Latents found only in the base SAE (Fig. 2)', '']
+    lines += _table(['k', 'unique fraction'], [[int(k), float(v)] for k, v in sorted(curve.items(), key=_int_key)])
+  exactly = seeds.get('exactly_in_n') or {}
+  if exactly:
+    width = max(len(counts) for counts in exactly.values())
+    lines += ['### Latents in exactly n SAEs (base included)', '']
+    rows = []
+    for base, counts in exactly.items():
+      total = sum(counts)
+      cells = [f'{int(c)} ({100 * c / total:.3g}%)' if total else str(int(c)) for c in counts]
+      rows.append([str(base)] + cells + [''] * (width - len(counts)))
+    lines += _table(['base'] + [f'n={n}' for n in range(1, width + 1)], rows)
+  models, best = fit_entries(seeds.get('fits'))
+  if models:
+    lines += ['### Fits of the unique fraction vs k', '']
+    rows = []
+    for name, fit in models:
+      params = ', '.join(f'{p}={fmt(v)}' for p, v in (fit.get('params') or {}).items())
+      label = f'**{name}** (best)' if name == best else name
+      rows.append(
+        [label, FIT_FORMULAS.get(name, '?'), params or None, fit.get('aic'), fit.get('asymptote'), fit.get('error')]
+      )
+    lines += _table(['model', 'formula', 'params', 'AIC', 'asymptote', 'error'], rows)
+  return lines
+
+
+def _int_key(item) -> int:
+  return int(item[0])
