@@ -37,12 +37,17 @@ def synthetic() -> TrainConfig:
 def pythia160m() -> TrainConfig:
   """The paper: Pythia-160M layers.6.mlp, 32768 latents, k=32, 32 x 2049-token batches, 8B tokens, 9 seeds.
 
-  python -m experiments.train --config=pythia160m --workdir=runs/pythia160m
+  python -m experiments.train --config=pythia160m --workdir=runs/pythia160m \
+    [--config.model=/path/to/pythia-160m] [--config.dataset=/path/to/pile/document.bin]
+
+  The dataset default is the pre-tokenised, pre-shuffled Pile that Pythia was trained on, read in file order
+  (a `.bin` of uint16 rows of 2049 tokens); a text dataset (Hub id or local json/jsonl/text/parquet/arrow)
+  works too and is tokenised with the model's tokenizer.
   """
   return TrainConfig(
     source='lm',
     model='EleutherAI/pythia-160m',
-    dataset='EleutherAI/the_pile_deduplicated',
+    dataset='EleutherAI/pile-standard-pythia-preshuffled',
     hookpoint='layers.6.mlp',
     d_in=768,
     num_latents=32768,
@@ -56,7 +61,54 @@ def pythia160m() -> TrainConfig:
   )
 
 
-PRESETS: dict[str, Callable[[], TrainConfig]] = {'synthetic': synthetic, 'pythia160m': pythia160m}
+def _lm_preset(**fields) -> TrainConfig:
+  config = pythia160m()
+  for name, value in fields.items():
+    setattr(config, name, value)
+  return config
+
+
+def gpt2() -> TrainConfig:
+  """Fig. 5 (middle): GPT-2 small, MLP of layer 6, expansion factor 36 (27,648 latents), 1024-token contexts.
+
+  python -m experiments.train --config=gpt2 --workdir=runs/gpt2_mlp
+  python -m experiments.train --config=gpt2 --config.hookpoint=layers.6 --workdir=runs/gpt2_resid
+  """
+  return _lm_preset(model='openai-community/gpt2', dataset='EleutherAI/the_pile_deduplicated', d_in=768,
+                    num_latents=36 * 768, context_length=1024, batch_size=64 * 1024)
+
+
+def gpt2_residual() -> TrainConfig:
+  """Fig. 5 (middle): GPT-2 small, residual stream after block 6, expansion factor 36.
+
+  python -m experiments.train --config=gpt2_residual --workdir=runs/gpt2_resid
+  """
+  return _lm_preset(**{**vars(gpt2()), 'hookpoint': 'layers.6'})
+
+
+def smollm() -> TrainConfig:
+  """Fig. 5 (middle): SmolLM-135M (d=576, 30 layers), MLP of layer 15, expansion factor 36 (20,736 latents).
+
+  The paper does not name SmolLM's layer; 15 (the middle) is this preset's choice.
+  python -m experiments.train --config=smollm --workdir=runs/smollm
+  """
+  return _lm_preset(model='HuggingFaceTB/SmolLM-135M', dataset='HuggingFaceFW/fineweb-edu', hookpoint='layers.15.mlp',
+                    d_in=576, num_latents=36 * 576, context_length=2048, batch_size=32 * 2048)
+
+
+def llama3_8b() -> TrainConfig:
+  """The paper's largest setting: Llama 3 8B, MLP of layer 16, 131,072 latents, k=32 (30% shared).
+
+  python -m experiments.train --config=llama3_8b --workdir=gs://BUCKET/runs/llama3_8b --config.mesh_model=4
+  """
+  return _lm_preset(model='meta-llama/Meta-Llama-3-8B', dataset='EleutherAI/the_pile_deduplicated',
+                    hookpoint='layers.16.mlp', d_in=4096, num_latents=131072, context_length=2048,
+                    batch_size=32 * 2048)
+
+
+PRESETS: dict[str, Callable[[], TrainConfig]] = {
+  preset.__name__: preset for preset in (synthetic, pythia160m, gpt2, gpt2_residual, smollm, llama3_8b)
+}
 
 
 def get(name) -> TrainConfig:

@@ -54,10 +54,15 @@ class TrainConfig:
   feature_noise_std: float = 0.0
   feature_group_size: int = 1  # >1: features fire in correlated groups of this size
   feature_group_coactivation: float = 0.5
-  # Language-model source (wired in by the LM issue).
+  # Language-model source: a local folder, an HF-cache entry or a Hub id (online) for both.
   model: str = 'EleutherAI/pythia-160m'
   dataset: str = 'EleutherAI/the_pile_deduplicated'
+  dataset_split: str = 'train'
+  text_column: str = 'text'
   context_length: int = 2049
+  lm_dtype: str = 'bfloat16'  # the paper ran the LM in bf16; SAEs always train in float32
+  exclude_special_tokens: bool = False  # drop BOS/EOS positions from the activation stream
+  eval_tokens: int = 1_000_000  # held-out tokens for CE-loss/KL/FVU evaluation at the end (0: skip)
 
   # --- bookkeeping ---
   dead_tokens: int = 10_000_000
@@ -91,6 +96,9 @@ class TrainConfig:
       (not self.feature_noise_std < 0, 'feature_noise_std must be >= 0'),
       (0 < self.feature_max_firing_prob <= 1, 'feature_max_firing_prob must be in (0, 1]'),
       (self.kernel_chunk_tokens > 0, 'kernel_chunk_tokens must be positive'),
+      (self.lm_dtype in ('bfloat16', 'float32'), f'lm_dtype={self.lm_dtype!r}; use bfloat16 or float32'),
+      (self.source != 'lm' or self.batch_size % self.context_length == 0,
+       f'batch_size={self.batch_size} must be a multiple of context_length={self.context_length} (whole sequences)'),
     ]
     for ok, message in checks:
       if not ok:

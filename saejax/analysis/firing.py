@@ -50,9 +50,18 @@ def count_firing(
   counts_fn = _count_fn(arch, spec)
   params = {name: jnp.asarray(value) for name, value in params_S.items()}
   num_batches = max(1, -(-num_tokens // source.batch_size))
+  # int32 per batch on the device (< 2^31 tokens each), summed on the host in int64 every 256 batches.
   total_SxF = np.zeros((params['W_dec'].shape[0], spec.num_latents), np.int64)
-  for position in tqdm(range(start_position, start_position + num_batches), desc='firing', disable=not progress):
-    total_SxF += np.asarray(counts_fn(params, source.batch_at(position)))
+  pending = None
+  positions = range(start_position, start_position + num_batches)
+  for n, position in enumerate(tqdm(positions, desc='firing', disable=None if progress else True)):
+    counts = counts_fn(params, source.batch_at(position))
+    pending = counts if pending is None else pending + counts
+    if n % 256 == 255:
+      total_SxF += np.asarray(pending)
+      pending = None
+  if pending is not None:
+    total_SxF += np.asarray(pending)
   return total_SxF, num_batches * source.batch_size
 
 

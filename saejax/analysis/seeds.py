@@ -86,7 +86,7 @@ def analyse_seeds(
   kwargs = dict(threshold=threshold, method=method, matcher=matcher, max_cos_fn=max_cos_fn)
   with (
     ThreadPoolExecutor(max_workers=workers) as pool,
-    tqdm(total=len(pair_names), desc='matching pairs', disable=not progress) as bar,
+    tqdm(total=len(pair_names), desc='matching pairs', disable=None if progress else True) as bar,
   ):
     futures = {pool.submit(analyse_pair, saes[a], saes[b], **kwargs): (a, b) for a, b in pair_names}
     for future in as_completed(futures):
