@@ -119,15 +119,15 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, args, names):
   assert not workdir.exists(), 'a flag error must not create the run folder'
 
 
-def test_lm_preset_says_source_missing(tmp_path):
+def test_lm_preset_offline_without_weights_names_what_is_missing(tmp_path):
   workdir = tmp_path / 'run'
   started = time.monotonic()
   result = run_cli('--config=pythia160m', f'--workdir={workdir}')
   elapsed = time.monotonic() - started
   assert result.returncode == 2, result.stderr[-3000:]
   line = error_line(result)
-  assert 'language-model' in line and 'not wired in' in line, line
-  assert '--config=synthetic' in line, 'the message says what to do instead'
+  assert 'pythia-160m' in line and 'offline' in line.lower(), line
+  assert '--config.model=' in line, 'the message says how to supply a local copy'
   assert elapsed < 30, f'the LM preset took {elapsed:.1f}s to fail'
   assert not workdir.exists(), 'a run that cannot start must not create its folder'
 

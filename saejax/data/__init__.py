@@ -14,10 +14,9 @@ def make_source(config, sharding: NamedSharding) -> ActivationSource:
   if config.source == 'synthetic':
     return SyntheticSource(config, sharding)
   if config.source == 'lm':
-    raise SourceUnavailableError(
-      f'the language-model activation source ({config.model}, {config.hookpoint}) is not wired in yet; '
-      f'train on synthetic ground truth with --config=synthetic'
-    )
+    from saejax.data.lm import LMActivationSource
+
+    return LMActivationSource(config, sharding)
   raise ValueError(f'unknown source {config.source!r}; use synthetic or lm')
 
 

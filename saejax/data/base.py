@@ -45,9 +45,10 @@ class ActivationSource(abc.ABC):
   def save_artifacts(self, workdir: str) -> None:  # noqa: B027 - optional hook
     """Writes anything the run folder should keep about the data (e.g. a ground-truth dictionary)."""
 
-  def final_report(self, W_dec_SxFxD: np.ndarray) -> dict[str, Any]:
-    """Source-specific evaluation of the trained decoders; empty unless the source knows the truth."""
-    del W_dec_SxFxD
+  def final_report(self, params_S: dict[str, np.ndarray], spec, held_out_position: int) -> dict[str, Any]:
+    """Source-specific evaluation of the trained SAEs (params stacked over seeds); batches from
+    `held_out_position` on were never trained on. Empty by default."""
+    del params_S, spec, held_out_position
     return {}
 
 

@@ -90,8 +90,9 @@ class SyntheticSource(ActivationSource):
     np.savez(tmp, features=self.features_FxD, firing_prob=self.firing_prob_F, offset=self.offset_D)
     os.replace(tmp, path)
 
-  def final_report(self, W_dec_SxFxD: np.ndarray) -> dict[str, Any]:
-    return recovery_report(self.features_FxD, self.firing_prob_F, W_dec_SxFxD)
+  def final_report(self, params_S, spec, held_out_position: int) -> dict[str, Any]:
+    del spec, held_out_position
+    return {'recovery': recovery_report(self.features_FxD, self.firing_prob_F, np.asarray(params_S['W_dec']))}
 
 
 def recovery_report(features_FxD: np.ndarray, firing_prob_F: np.ndarray, W_dec_SxMxD: np.ndarray) -> dict[str, Any]:

@@ -189,9 +189,7 @@ class Trainer:
     params = jax.device_get(state['params'])
     last = self.metrics_log.read()[-1:] or [{}]
     summary: dict[str, Any] = {'step': int(state['step']), 'seeds': list(config.init_seeds), 'final': last[0]}
-    report = self.source.final_report(np.asarray(params['W_dec']))
-    if report:
-      summary['recovery'] = report
+    summary.update(self.source.final_report(params, self.spec, held_out_position=config.num_steps))
     if jax.process_index() == 0:
       for index, seed in enumerate(config.init_seeds):
         seed_params = {name: np.asarray(value[index]) for name, value in params.items()}

@@ -1,0 +1,101 @@
+"""The language-model activation source: token batches -> one LM forward -> hookpoint activations on the mesh.
+
+One forward per batch feeds every seed (the trainer's step consumes the whole batch for all S SAEs), and the
+model only runs up to the hookpoint's layer. Activations leave the model in its dtype (bf16 in the paper) and
+reach the SAEs as float32 `[rows * context_length, d]`.
+
+BOS/EOS exclusion keeps the batch shape fixed, as the jitted step needs: each excluded position takes the
+activation of the nearest earlier kept position of the same sequence (or the first kept one), so the SAEs
+never see special-token activations and every step still has `batch_size` rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from saejax.data.base import ActivationSource
+
+_OFFLINE_HINT = 'pass --config.dataset=/path/to/document.bin (Pythia token rows) or local json/jsonl/text/parquet files'
+
+
+def _fill_excluded(acts_BxTxD: jax.Array, keep_BxT: jax.Array) -> jax.Array:
+  """Replaces excluded positions by the nearest earlier kept position (the first kept one at the start)."""
+  positions_BxT = jnp.arange(keep_BxT.shape[1])[None, :]
+  last_kept_BxT = jax.lax.cummax(jnp.where(keep_BxT, positions_BxT, -1), axis=1)
+  first_kept_B1 = jnp.argmax(keep_BxT, axis=1)[:, None]
+  source_BxT = jnp.where(last_kept_BxT >= 0, last_kept_BxT, first_kept_B1)
+  return jnp.take_along_axis(acts_BxTxD, source_BxT[..., None], axis=1)
+
+
+class LMActivationSource(ActivationSource):
+  """Activations of `config.hookpoint` of `config.model` over `config.dataset`, `batch_size` tokens a batch."""
+
+  def __init__(self, config, sharding: NamedSharding, model=None, token_stream=None):
+    super().__init__(sharding)
+    from saejax import models
+    from saejax.data import tokens
+
+    dtype = jnp.bfloat16 if config.lm_dtype == 'bfloat16' else jnp.float32
+    self.model = model if model is not None else models.load_pretrained(config.model, dtype=dtype,
+                                                                        mesh=sharding.mesh)
+    self.model.parse_hookpoint(config.hookpoint)
+    if config.d_in != self.model.d_model:
+      raise ValueError(f'd_in={config.d_in} but {config.model} has d_model={self.model.d_model}; '
+                       f'set --config.d_in={self.model.d_model}')
+    self.hookpoint = config.hookpoint
+    self.d_in = self.model.d_model
+    self.batch_size = config.batch_size
+    rows = config.batch_size // config.context_length
+    if token_stream is None:
+      token_stream = _open_tokens(config, rows, self.model.path)
+    self.tokens = token_stream
+    special = {self.model.config.bos_token_id, *np.atleast_1d(self.model.config.eos_token_id or [])} - {None}
+    self.exclude_ids = sorted(int(i) for i in special) if config.exclude_special_tokens else []
+    self._tokens_module = tokens
+    self.eval_tokens = config.eval_tokens
+
+  def token_batch(self, position: int) -> np.ndarray:
+    return self.tokens.batch_at(position)
+
+  def batch_at(self, position: int) -> jax.Array:
+    tokens_BxT = self.token_batch(position)
+    acts_BxTxD = self.model.activations(tokens_BxT, [self.hookpoint])[self.hookpoint]
+    if self.exclude_ids:
+      keep_BxT = self._tokens_module.token_mask(tokens_BxT, self.exclude_ids)
+      acts_BxTxD = _fill_excluded(acts_BxTxD, jnp.asarray(keep_BxT))
+    return self._flatten(acts_BxTxD)
+
+  @functools.cached_property
+  def _flatten(self):
+    return jax.jit(lambda a: a.reshape(-1, a.shape[-1]).astype(jnp.float32), out_shardings=self.sharding)
+
+  def final_report(self, params_S, spec, held_out_position: int) -> dict[str, Any]:
+    """CE-loss increase, KL, FVU, L0 and dead fraction per seed on `eval_tokens` held-out tokens."""
+    from saejax.analysis import lm_eval
+
+    if self.eval_tokens <= 0:
+      return {}
+    num_batches = max(1, -(-self.eval_tokens // self.batch_size))
+    batches = (self.token_batch(p) for p in range(held_out_position, held_out_position + num_batches))
+    return {'lm_eval': lm_eval.evaluate_on_lm(self.model, self.hookpoint, params_S, spec, batches)}
+
+
+def _open_tokens(config, rows: int, model_folder: str | None):
+  """Pythia token rows (.bin/.npy) read in file order, or text tokenized with the model's tokenizer."""
+  from saejax.data import memmap, tokens
+
+  dataset = config.dataset
+  if dataset.endswith(tokens.MEMMAP_SUFFIXES):
+    return memmap.MemmapTokenStream(dataset, rows, config.context_length)
+  offline = os.environ.get('HF_HUB_OFFLINE') == '1' or os.environ.get('HF_DATASETS_OFFLINE') == '1'
+  if offline and tokens.resolve_data_files(dataset) is None:
+    raise FileNotFoundError(f'dataset {dataset!r} is not a local path and the Hub is offline; {_OFFLINE_HINT}')
+  return tokens.TextTokenStream(dataset, model_folder, rows, config.context_length,
+                                text_column=config.text_column, split=config.dataset_split)
