@@ -2,6 +2,7 @@
 
   python -m experiments.benchmark train --d_in=768 --num_latents=8192 --k=32 --batch=2048 --seeds=1,9
   python -m experiments.benchmark align [--ns=4096,8192,16384,32768,131072]
+  python -m experiments.benchmark lm --rows=2 --seeds=1,9 --num_latents=32768
 
 `train` times the full jitted step (all seeds) next to the unavoidable encoder product [B,d] x [d,M] for one
 seed, measured in the same process with the same dtype, and EleutherAI sparsify's own step at the same shapes
@@ -12,6 +13,7 @@ each in its own process, reporting seconds and peak RSS.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -40,6 +42,8 @@ _N = flags.DEFINE_integer('n', 4096, 'align_one: latent count.')
 _IMPL = flags.DEFINE_enum('impl', 'saejax', ['saejax', 'scipy'], 'align_one: implementation.')
 _METHOD = flags.DEFINE_enum('method', 'auto', ['auto', 'dense', 'sparse'], 'align: saejax method.')
 _SCIPY_MAX_BYTES = flags.DEFINE_integer('scipy_max_bytes', 16 * 2**30, 'align: skip SciPy above this estimate.')
+_ROWS = flags.DEFINE_integer('rows', 2, 'lm: sequences of 2049 tokens per batch.')
+_LM_DTYPE = flags.DEFINE_enum('lm_dtype', 'float32', ['float32', 'bfloat16'], 'lm: model compute dtype.')
 _SPARSIFY = flags.DEFINE_bool('sparsify', True, "Also time EleutherAI sparsify's step at the same shapes.")
 
 
@@ -195,11 +199,52 @@ def bench_align() -> None:
                         f'copies need ~{20 * n * n / 2**30:.0f} GiB, over --scipy_max_bytes'}), flush=True)
 
 
+def bench_lm() -> None:
+  """LM forward (Pythia-160M shape, random weights, up to layers.6.mlp) and the full step: LM + S SAEs."""
+  import tempfile
+
+  from saejax.models.random_checkpoint import write_random_neox
+
+  rows, context = _ROWS.value, 2049
+  with tempfile.TemporaryDirectory() as tmp:
+    folder = write_random_neox(os.path.join(tmp, 'pythia-160m-random'))
+    tokens_path = os.path.join(tmp, 'tokens.npy')
+    np.save(tokens_path, np.random.default_rng(0).integers(0, 50304, (rows * 4, context), dtype=np.uint16))
+    for num_seeds in (int(s) for s in _SEEDS.value):
+      config = TrainConfig(
+        source='lm', model=folder, dataset=tokens_path, hookpoint='layers.6.mlp', d_in=768, lm_dtype=_LM_DTYPE.value,
+        num_latents=_NUM_LATENTS.value, k=_K.value, batch_size=rows * context, context_length=context,
+        num_tokens=rows * context * 1000, init_seeds=tuple(range(num_seeds)), eval_tokens=0,
+      )
+      trainer = Trainer(config, workdir='', mesh=shd.make_mesh(-1, 1))
+      source = trainer.source
+      jax.block_until_ready(source.batch_at(0))
+      forward_s = min(_time(functools.partial(source.batch_at, 1), _REPEATS.value))
+      state = trainer.fresh_state()
+      step = trainer.compiled_step(state)
+      state, _ = step(state, source.batch_at(0))
+      jax.block_until_ready(state)
+      full_times = []
+      for position in range(_REPEATS.value):
+        start = time.perf_counter()
+        state, metrics = step(state, source.batch_at(position))
+        jax.block_until_ready((state, metrics))
+        full_times.append(time.perf_counter() - start)
+      full_s = min(full_times)
+      print(json.dumps({
+        'bench': 'lm', 'model': 'pythia-160m-shaped (random)', 'hookpoint': 'layers.6.mlp', 'lm_dtype': _LM_DTYPE.value,
+        'tokens': rows * context, 'seeds': num_seeds, 'num_latents': _NUM_LATENTS.value, 'k': _K.value,
+        'lm_forward_s': round(forward_s, 4), 'lm_tokens_per_s': round(rows * context / forward_s, 1),
+        'full_step_s': round(full_s, 4), 'full_tokens_per_s': round(rows * context / full_s, 1),
+        'lm_share_of_step': round(forward_s / full_s, 3), 'machine': machine(),
+      }), flush=True)
+
+
 def bench_align_one_main() -> None:
   print(json.dumps(bench_align_one()), flush=True)
 
 
-BENCHES = {'train': bench_train, 'align': bench_align, 'align_one': bench_align_one_main}
+BENCHES = {'train': bench_train, 'align': bench_align, 'align_one': bench_align_one_main, 'lm': bench_lm}
 
 
 def main(argv: list[str]) -> None:

@@ -238,6 +238,11 @@ class TextTokenStream(TokenStream):
     super().__init__(global_rows, context_length, process_index, process_count)
     self.dataset = dataset if isinstance(dataset, str) else [os.fspath(f) for f in dataset]
     self.local = resolve_data_files(dataset)
+    if self.local is not None:  # `datasets` fails on an empty file instead of yielding nothing
+      files = [f for f in self.local[1] if os.path.getsize(f)]
+      if not files:
+        raise ValueError(f'dataset {self._describe()} has no documents (empty files); pass a non-empty dataset')
+      self.local = (self.local[0], files)
     self.tokenizer, folder = load_tokenizer(tokenizer)
     self.eos_id = resolve_eos_id(self.tokenizer, folder) if eos_id is None else int(eos_id)
     self.text_column = text_column

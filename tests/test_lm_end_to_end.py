@@ -1,0 +1,103 @@
+"""The pythia160m preset scaled down, end to end and offline: a tiny random GPT-NeoX in a temp folder, a tiny
+locally trained tokenizer and a jsonl corpus, through `experiments.train` and then `experiments.align`."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from saejax.models.random_checkpoint import write_random_neox
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = 'the a sparse autoencoder latent feature model token layer seed dictionary matches across runs'.split()
+CONTEXT, ROWS = 17, 8
+
+
+@pytest.fixture(scope='module')
+def lm_folder(tmp_path_factory):
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  root = tmp_path_factory.mktemp('lm')
+  rng = np.random.default_rng(0)
+  docs = [' '.join(rng.choice(WORDS, size=int(rng.integers(3, 40)))) for _ in range(400)]
+  tokenizer = Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  tokenizer.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=['<|endoftext|>'],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  model = root / 'tiny-neox'
+  write_random_neox(str(model), dtype=np.float32, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                    intermediate_size=64, vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=64)
+  tokenizer.save(str(model / 'tokenizer.json'))
+  corpus = root / 'corpus.jsonl'
+  corpus.write_text(''.join(json.dumps({'text': doc}) + '\n' for doc in docs))
+  return model, corpus
+
+
+def run(module, *args):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+         'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.mark.slow
+def test_pythia_preset_scaled_down_trains_and_aligns(lm_folder, tmp_path):
+  model, corpus = lm_folder
+  workdir = tmp_path / 'run'
+  batch = CONTEXT * ROWS
+  result = run(
+    'experiments.train', '--config=pythia160m', f'--workdir={workdir}', f'--config.model={model}',
+    f'--config.dataset={corpus}', '--config.hookpoint=layers.1.mlp', '--config.d_in=32', '--config.lm_dtype=float32',
+    '--config.num_latents=64', '--config.k=4', f'--config.context_length={CONTEXT}', f'--config.batch_size={batch}',
+    f'--config.num_tokens={batch * 40}', '--config.init_seeds=0,1,2', '--config.lr=3e-3', '--config.warmup_steps=5',
+    f'--config.eval_tokens={batch * 2}', '--config.log_every=10', '--config.checkpoint_every=20',
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((workdir / 'summary.json').read_text())
+  evaluation = summary['lm_eval']
+  assert evaluation['tokens'] == batch * 2 and len(evaluation['seeds']) == 3
+  for seed in evaluation['seeds']:
+    assert np.isfinite(seed['ce']) and seed['kl'] >= 0.0 and 0.0 < seed['fvu'] < 1.0 and seed['l0'] <= 4
+  metrics = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert metrics[-1]['step'] == 40 and np.mean(metrics[-1]['fvu']) < np.mean(metrics[0]['fvu'])
+  for seed in (0, 1, 2):
+    cfg = json.loads((workdir / 'saes' / 'layers.1.mlp' / f'seed{seed}' / 'cfg.json').read_text())
+    assert cfg['d_in'] == 32 and cfg['num_latents'] == 64
+
+  result = run('experiments.align', f'--workdir={workdir}', f'--firing_tokens={batch * 4}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  aligned = json.loads((workdir / 'alignment' / 'summary.json').read_text())
+  assert len(aligned['pairs']) == 3 and all(p['certified_optimal'] for p in aligned['pairs'])
+  with np.load(workdir / 'firing_counts.npz') as firing:
+    assert firing['counts'].shape == (3, 64) and int(firing['tokens']) == batch * 4
+
+
+@pytest.mark.slow
+def test_resume_over_a_text_stream_is_bitwise(lm_folder, tmp_path):
+  """Resuming mid-run over a (non random-access) text stream gives bitwise the same SAEs."""
+  model, corpus = lm_folder
+  batch = CONTEXT * ROWS
+  common = [
+    '--config=pythia160m', f'--config.model={model}', f'--config.dataset={corpus}', '--config.hookpoint=layers.0',
+    '--config.d_in=32', '--config.lm_dtype=float32', '--config.num_latents=32', '--config.k=4',
+    f'--config.context_length={CONTEXT}', f'--config.batch_size={batch}', f'--config.num_tokens={batch * 12}',
+    '--config.init_seeds=0,1', '--config.eval_tokens=0', '--config.checkpoint_every=4',
+  ]
+  full, resumed = tmp_path / 'full', tmp_path / 'resumed'
+  assert run('experiments.train', f'--workdir={full}', *common).returncode == 0
+  # A run killed after its step-8 checkpoint looks like this folder without its last checkpoint and exports.
+  assert run('experiments.train', f'--workdir={resumed}', *common).returncode == 0
+  shutil.rmtree(resumed / 'checkpoints' / '12')
+  shutil.rmtree(resumed / 'saes')
+  result = run('experiments.train', f'--workdir={resumed}', *common)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for seed in (0, 1):
+    a = load_file(full / 'saes' / 'layers.0' / f'seed{seed}' / 'sae.safetensors')
+    b = load_file(resumed / 'saes' / 'layers.0' / f'seed{seed}' / 'sae.safetensors')
+    assert all(np.array_equal(a[name], b[name]) for name in a)
