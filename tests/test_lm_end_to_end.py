@@ -14,7 +14,8 @@ from safetensors.numpy import load_file
 from saejax.models.random_checkpoint import write_random_neox
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ['the', 'a', 'sparse', 'autoencoder', 'latent', 'feature', 'model', 'token', 'layer', 'seed', 'dictionary', 'matches', 'across', 'runs']
+WORDS = ['the', 'a', 'sparse', 'autoencoder', 'latent', 'feature', 'model', 'token', 'layer', 'seed', 'dictionary',
+         'matches', 'across', 'runs']
 CONTEXT, ROWS = 17, 8
 
 
