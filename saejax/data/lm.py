@@ -76,6 +76,16 @@ class LMActivationSource(ActivationSource):
   def _flatten(self):
     return jax.jit(lambda a: a.reshape(-1, a.shape[-1]).astype(jnp.float32), out_shardings=self.sharding)
 
+  def state_dict(self) -> dict[str, Any]:
+    """The batch position plus the token stream's own state, so a text stream resumes without re-reading."""
+    self.tokens.seek(self.position)
+    return {'position': self.position, 'tokens': self.tokens.state_dict()}
+
+  def load_state_dict(self, state: dict[str, Any]) -> None:
+    super().load_state_dict(state)
+    if 'tokens' in state:
+      self.tokens.load_state_dict(state['tokens'])
+
   def final_report(self, params_S, spec, held_out_position: int) -> dict[str, Any]:
     """CE-loss increase, KL, FVU, L0 and dead fraction per seed on `eval_tokens` held-out tokens."""
     from saejax.analysis import lm_eval
