@@ -43,12 +43,14 @@ def run_sae_dirs(workdir: str, hookpoint: str | None) -> tuple[str, dict[str, st
     if len(hookpoints) > 1:
       raise ValueError(f'{workdir} has several hookpoints {hookpoints}; choose one with --hookpoint')
     hookpoint = hookpoints[0]
+  if hookpoint not in hookpoints:
+    raise ValueError(f'{workdir} has no SAEs at hookpoint {hookpoint!r}; choose one of {hookpoints}')
   folders = glob.glob(os.path.join(root, hookpoint, 'seed*'))
   by_seed = sorted(folders, key=lambda p: int(re.sub(r'\D', '', os.path.basename(p)) or 0))
   return hookpoint, {os.path.basename(path): path for path in by_seed}
 
 
-def run_firing(workdir: str, sae_dirs: dict[str, str], num_tokens: int):
+def run_firing(workdir: str, hookpoint: str, sae_dirs: dict[str, str], num_tokens: int):
   """Counts firing over tokens after the run's training stream; reuses stored counts when enough."""
   from saejax import data, formats
   from saejax import sae as sae_lib
@@ -56,18 +58,20 @@ def run_firing(workdir: str, sae_dirs: dict[str, str], num_tokens: int):
   from saejax.analysis import firing
   from saejax.config import TrainConfig
 
-  stored = firing.load_counts(workdir)
-  if stored is not None and int(stored['tokens']) >= num_tokens and list(stored['seeds']) == list(sae_dirs):
-    return stored
   with open(os.path.join(workdir, 'config.json')) as f:
     config = TrainConfig.from_json(json.load(f))
+  file_key = hookpoint if len(config.hookpoints) > 1 else None
+  stored = firing.load_counts(workdir, file_key)
+  if stored is not None and int(stored['tokens']) >= num_tokens and list(stored['seeds']) == list(sae_dirs):
+    return stored
   loaded = [formats.load_sae(path)[0] for path in sae_dirs.values()]
   params = {name: np.stack([p[name] for p in loaded]) for name in loaded[0]}
   source = data.make_source(config, shd.batch_sharding(shd.make_mesh()))
   counts, tokens = firing.count_firing(params, sae_lib.SaeSpec.from_config(config), source, num_tokens,
-                                       start_position=config.num_steps)
-  firing.save_counts(workdir, counts, tokens, list(sae_dirs))
-  return firing.load_counts(workdir)
+                                       start_position=config.num_steps,
+                                       hookpoint_index=config.hookpoints.index(hookpoint))
+  firing.save_counts(workdir, counts, tokens, list(sae_dirs), file_key)
+  return firing.load_counts(workdir, file_key)
 
 
 def main(argv: list[str]) -> None:
@@ -86,7 +90,7 @@ def main(argv: list[str]) -> None:
       out = _OUT.value or os.path.join(_WORKDIR.value, 'alignment')
       if _FIRING_TOKENS.value > 0:
         try:
-          firing_counts = run_firing(_WORKDIR.value, sae_dirs, _FIRING_TOKENS.value)
+          firing_counts = run_firing(_WORKDIR.value, hookpoint, sae_dirs, _FIRING_TOKENS.value)
         except RuntimeError as error:  # e.g. the run's activation source is unavailable here
           logging.warning('skipping firing frequencies (Fig. 3): %s', error)
     else:

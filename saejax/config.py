@@ -96,6 +96,9 @@ class TrainConfig:
       (not self.feature_noise_std < 0, 'feature_noise_std must be >= 0'),
       (0 < self.feature_max_firing_prob <= 1, 'feature_max_firing_prob must be in (0, 1]'),
       (self.kernel_chunk_tokens > 0, 'kernel_chunk_tokens must be positive'),
+      (len(self.hookpoints) >= 1, 'hookpoint is empty; name one, e.g. layers.6.mlp'),
+      (len(set(self.hookpoints)) == len(self.hookpoints), f'hookpoint={self.hookpoint!r} repeats a name'),
+      (self.source == 'lm' or len(self.hookpoints) == 1, 'several hookpoints need the LM source'),
       (self.lm_dtype in ('bfloat16', 'float32'), f'lm_dtype={self.lm_dtype!r}; use bfloat16 or float32'),
       (self.source != 'lm' or self.batch_size % self.context_length == 0,
        f'batch_size={self.batch_size} must be a multiple of context_length={self.context_length} (whole sequences)'),
@@ -108,6 +111,11 @@ class TrainConfig:
     if self.seed_group_size >= 0:
       return self.seed_group_size
     return 1 if platform == 'cpu' else 0
+
+  @property
+  def hookpoints(self) -> list[str]:
+    """`hookpoint` may list several (comma-separated): one LM forward feeds S seeds at each."""
+    return [name.strip() for name in self.hookpoint.split(',') if name.strip()]
 
   @property
   def num_steps(self) -> int:

@@ -20,7 +20,7 @@ SEEDS = (0, 1, 2)
 BATCH = 128
 STEPS = 10
 PER_SEED_KEYS = ('fvu', 'l0', 'dead_fraction', 'loss', 'grad_norm')
-METRIC_KEYS = {'step', 'tokens', 'lr', 'elapsed_s', 'time', *PER_SEED_KEYS}
+METRIC_KEYS = {'step', 'hookpoint', 'tokens', 'lr', 'elapsed_s', 'time', *PER_SEED_KEYS}
 TINY = (
   '--config=synthetic', '--config.d_in=16', '--config.num_features=64', '--config.num_latents=64', '--config.k=4',
   f'--config.batch_size={BATCH}', f'--config.init_seeds={",".join(map(str, SEEDS))}',

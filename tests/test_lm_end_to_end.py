@@ -102,3 +102,37 @@ def test_resume_over_a_text_stream_is_bitwise(lm_folder, tmp_path):
     a = load_file(full / 'saes' / 'layers.0' / f'seed{seed}' / 'sae.safetensors')
     b = load_file(resumed / 'saes' / 'layers.0' / f'seed{seed}' / 'sae.safetensors')
     assert all(np.array_equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.slow
+def test_two_hookpoints_share_one_forward_and_match_single_runs(lm_folder, tmp_path):
+  model, corpus = lm_folder
+  batch = CONTEXT * ROWS
+  common = [
+    '--config=pythia160m', f'--config.model={model}', f'--config.dataset={corpus}', '--config.d_in=32',
+    '--config.lm_dtype=float32', '--config.num_latents=32', '--config.k=4', f'--config.context_length={CONTEXT}',
+    f'--config.batch_size={batch}', f'--config.num_tokens={batch * 10}', '--config.init_seeds=0,1',
+    f'--config.eval_tokens={batch}', '--config.lr=3e-3', '--config.warmup_steps=2',
+  ]
+  both, single = tmp_path / 'both', tmp_path / 'single'
+  result = run('experiments.train', f'--workdir={both}', *common, '--config.hookpoint=layers.0.mlp,layers.1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = run('experiments.train', f'--workdir={single}', *common, '--config.hookpoint=layers.1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((both / 'summary.json').read_text())
+  assert set(summary['hookpoints']) == {'layers.0.mlp', 'layers.1'}
+  assert all(len(h['lm_eval']['seeds']) == 2 for h in summary['hookpoints'].values())
+  records = [json.loads(line) for line in (both / 'metrics.jsonl').read_text().splitlines()]
+  assert {r['hookpoint'] for r in records} == {'layers.0.mlp', 'layers.1'}
+  for seed in (0, 1):
+    a = load_file(both / 'saes' / 'layers.1' / f'seed{seed}' / 'sae.safetensors')
+    b = load_file(single / 'saes' / 'layers.1' / f'seed{seed}' / 'sae.safetensors')
+    for name in a:
+      np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    assert (both / 'saes' / 'layers.0.mlp' / f'seed{seed}' / 'sae.safetensors').exists()
+  result = run('experiments.align', f'--workdir={both}', '--hookpoint=layers.0.mlp', f'--firing_tokens={batch * 2}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (both / 'firing_counts.layers.0.mlp.npz').exists()
+  assert json.loads((both / 'alignment' / 'summary.json').read_text())['pairs'][0]['a'] == 'seed0'
+  result = run('experiments.align', f'--workdir={both}', '--firing_tokens=0')
+  assert result.returncode == 2 and 'choose one with --hookpoint' in result.stderr

@@ -21,6 +21,12 @@ from saejax.sae import kernels
 FIRING_FILE = 'firing_counts.npz'
 
 
+def _path(workdir: str, hookpoint: str | None) -> str:
+  """`firing_counts.npz`, or `firing_counts.<hookpoint>.npz` for runs with several hookpoints."""
+  name = FIRING_FILE if hookpoint is None else FIRING_FILE.replace('.npz', f'.{hookpoint}.npz')
+  return os.path.join(workdir, name)
+
+
 def _count_fn(arch: sae_lib.Architecture, spec: sae_lib.SaeSpec):
   def seed_counts(params, x_BxD):
     if spec.arch == 'topk':
@@ -40,11 +46,12 @@ def count_firing(
   num_tokens: int,
   start_position: int = 0,
   progress: bool = True,
+  hookpoint_index: int = 0,
 ) -> tuple[np.ndarray, int]:
   """Counts per seed and latent over at least `num_tokens` tokens, reading batches from `start_position`.
 
   Returns (counts [S, F] int64, tokens counted). Positions after the training run's last step are tokens
-  the SAEs never trained on.
+  the SAEs never trained on. `hookpoint_index` picks the source's hookpoint when it has several.
   """
   arch = sae_lib.get(spec.arch)
   counts_fn = _count_fn(arch, spec)
@@ -55,7 +62,7 @@ def count_firing(
   pending = None
   positions = range(start_position, start_position + num_batches)
   for n, position in enumerate(tqdm(positions, desc='firing', disable=None if progress else True)):
-    counts = counts_fn(params, source.batch_at(position))
+    counts = counts_fn(params, source.batches_at(position)[hookpoint_index])
     pending = counts if pending is None else pending + counts
     if n % 256 == 255:
       total_SxF += np.asarray(pending)
@@ -65,16 +72,17 @@ def count_firing(
   return total_SxF, num_batches * source.batch_size
 
 
-def save_counts(workdir: str, counts_SxF: np.ndarray, tokens: int, seeds: list[str]) -> str:
-  path = os.path.join(workdir, FIRING_FILE)
+def save_counts(workdir: str, counts_SxF: np.ndarray, tokens: int, seeds: list[str],
+                hookpoint: str | None = None) -> str:
+  path = _path(workdir, hookpoint)
   tmp = f'{path}.tmp{os.getpid()}.npz'
   np.savez(tmp, counts=counts_SxF, tokens=np.int64(tokens), seeds=np.asarray(seeds))
   os.replace(tmp, path)
   return path
 
 
-def load_counts(workdir: str) -> dict[str, np.ndarray] | None:
-  path = os.path.join(workdir, FIRING_FILE)
+def load_counts(workdir: str, hookpoint: str | None = None) -> dict[str, np.ndarray] | None:
+  path = _path(workdir, hookpoint)
   if not os.path.exists(path):
     return None
   with np.load(path) as data:

@@ -30,10 +30,23 @@ class ActivationSource(abc.ABC):
   def batch_at(self, position: int) -> jax.Array:
     """The batch at `position`, placed with `self.sharding`. Must not depend on earlier calls."""
 
+  @property
+  def hookpoints(self) -> list[str]:
+    return [self.hookpoint]
+
+  def batches_at(self, position: int) -> tuple[jax.Array, ...]:
+    """One batch per hookpoint, from one pass of the underlying model; a single-hookpoint source has one."""
+    return (self.batch_at(position),)
+
   def next_batch(self) -> jax.Array:
     batch = self.batch_at(self.position)
     self.position += 1
     return batch
+
+  def next_batches(self) -> tuple[jax.Array, ...]:
+    batches = self.batches_at(self.position)
+    self.position += 1
+    return batches
 
   def state_dict(self) -> dict[str, Any]:
     """JSON-serialisable position, stored in every checkpoint."""
@@ -45,10 +58,11 @@ class ActivationSource(abc.ABC):
   def save_artifacts(self, workdir: str) -> None:  # noqa: B027 - optional hook
     """Writes anything the run folder should keep about the data (e.g. a ground-truth dictionary)."""
 
-  def final_report(self, params_S: dict[str, np.ndarray], spec, held_out_position: int) -> dict[str, Any]:
-    """Source-specific evaluation of the trained SAEs (params stacked over seeds); batches from
+  def final_report(self, params_S: dict[str, np.ndarray], spec, held_out_position: int,
+                   hookpoint: str | None = None) -> dict[str, Any]:
+    """Source-specific evaluation of one hookpoint's trained SAEs (params stacked over seeds); batches from
     `held_out_position` on were never trained on. Empty by default."""
-    del params_S, spec, held_out_position
+    del params_S, spec, held_out_position, hookpoint
     return {}
 
 

@@ -45,11 +45,13 @@ class LMActivationSource(ActivationSource):
     dtype = jnp.bfloat16 if config.lm_dtype == 'bfloat16' else jnp.float32
     self.model = model if model is not None else models.load_pretrained(config.model, dtype=dtype,
                                                                         mesh=sharding.mesh)
-    self.model.parse_hookpoint(config.hookpoint)
+    for name in config.hookpoints:
+      self.model.parse_hookpoint(name)
     if config.d_in != self.model.d_model:
       raise ValueError(f'd_in={config.d_in} but {config.model} has d_model={self.model.d_model}; '
                        f'set --config.d_in={self.model.d_model}')
-    self.hookpoint = config.hookpoint
+    self._hookpoints = config.hookpoints
+    self.hookpoint = self._hookpoints[0]
     self.d_in = self.model.d_model
     self.batch_size = config.batch_size
     rows = config.batch_size // config.context_length
@@ -64,13 +66,22 @@ class LMActivationSource(ActivationSource):
   def token_batch(self, position: int) -> np.ndarray:
     return self.tokens.batch_at(position)
 
-  def batch_at(self, position: int) -> jax.Array:
+  @property
+  def hookpoints(self) -> list[str]:
+    return list(self._hookpoints)
+
+  def batches_at(self, position: int) -> tuple[jax.Array, ...]:
+    """All hookpoints from one forward (up to the deepest one's layer)."""
     tokens_BxT = self.token_batch(position)
-    acts_BxTxD = self.model.activations(tokens_BxT, [self.hookpoint])[self.hookpoint]
+    acts = self.model.activations(tokens_BxT, self._hookpoints)
+    keep_BxT = None
     if self.exclude_ids:
-      keep_BxT = self._tokens_module.token_mask(tokens_BxT, self.exclude_ids)
-      acts_BxTxD = _fill_excluded(acts_BxTxD, jnp.asarray(keep_BxT))
-    return self._flatten(acts_BxTxD)
+      keep_BxT = jnp.asarray(self._tokens_module.token_mask(tokens_BxT, self.exclude_ids))
+    return tuple(self._flatten(acts[name] if keep_BxT is None else _fill_excluded(acts[name], keep_BxT))
+                 for name in self._hookpoints)
+
+  def batch_at(self, position: int) -> jax.Array:
+    return self.batches_at(position)[0]
 
   @functools.cached_property
   def _flatten(self):
@@ -86,7 +97,7 @@ class LMActivationSource(ActivationSource):
     if 'tokens' in state:
       self.tokens.load_state_dict(state['tokens'])
 
-  def final_report(self, params_S, spec, held_out_position: int) -> dict[str, Any]:
+  def final_report(self, params_S, spec, held_out_position: int, hookpoint: str | None = None) -> dict[str, Any]:
     """CE-loss increase, KL, FVU, L0 and dead fraction per seed on `eval_tokens` held-out tokens."""
     from saejax.analysis import lm_eval
 
@@ -94,7 +105,8 @@ class LMActivationSource(ActivationSource):
       return {}
     num_batches = max(1, -(-self.eval_tokens // self.batch_size))
     batches = (self.token_batch(p) for p in range(held_out_position, held_out_position + num_batches))
-    return {'lm_eval': lm_eval.evaluate_on_lm(self.model, self.hookpoint, params_S, spec, batches)}
+    hookpoint = hookpoint or self.hookpoint
+    return {'lm_eval': lm_eval.evaluate_on_lm(self.model, hookpoint, params_S, spec, batches)}
 
 
 def _open_tokens(config, rows: int, model_folder: str | None):

@@ -90,8 +90,8 @@ class SyntheticSource(ActivationSource):
     np.savez(tmp, features=self.features_FxD, firing_prob=self.firing_prob_F, offset=self.offset_D)
     os.replace(tmp, path)
 
-  def final_report(self, params_S, spec, held_out_position: int) -> dict[str, Any]:
-    del spec, held_out_position
+  def final_report(self, params_S, spec, held_out_position: int, hookpoint: str | None = None) -> dict[str, Any]:
+    del spec, held_out_position, hookpoint
     return {'recovery': recovery_report(self.features_FxD, self.firing_prob_F, np.asarray(params_S['W_dec']))}
 
 

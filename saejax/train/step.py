@@ -114,12 +114,26 @@ def make_train_step(arch: sae_lib.Architecture, spec: sae_lib.SaeSpec, tx: optax
   return train_step
 
 
-def jit_train_step(step_fn, state: TrainState, mesh: Mesh, num_latents: int):
-  """Jits the step with explicit state shardings and donates the old state's buffers."""
-  state_shardings = shd.state_shardings(mesh, state, num_latents)
+def hookpoint_keys(hookpoints: Sequence[str]) -> list[str]:
+  """State keys per hookpoint (hookpoint names hold dots, which checkpoint paths reserve)."""
+  return [f'hookpoint{i}' for i in range(len(hookpoints))]
+
+
+def jit_train_step(step_fn, states: dict[str, TrainState], mesh: Mesh, num_latents: int):
+  """One jitted step over every hookpoint's seeds: `(states, xs) -> (states, metrics)`, keyed alike.
+
+  Explicit state shardings; the old states' buffers are donated.
+  """
+  state_shardings = {key: shd.state_shardings(mesh, state, num_latents) for key, state in states.items()}
+  batch_shardings = {key: shd.batch_sharding(mesh) for key in states}
+
+  def all_hookpoints_step(states, xs):
+    stepped = {key: step_fn(states[key], xs[key]) for key in states}
+    return {key: out[0] for key, out in stepped.items()}, {key: out[1] for key, out in stepped.items()}
+
   return jax.jit(
-    step_fn,
-    in_shardings=(state_shardings, shd.batch_sharding(mesh)),
+    all_hookpoints_step,
+    in_shardings=(state_shardings, batch_shardings),
     out_shardings=(state_shardings, shd.replicated(mesh)),
     donate_argnums=0,
   )

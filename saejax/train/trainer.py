@@ -60,13 +60,16 @@ class _Stop:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(metrics: dict[str, np.ndarray], step: int, seeds: tuple[int, ...]) -> None:
+def _check_finite(metrics: dict[str, np.ndarray], step: int, seeds: tuple[int, ...], hookpoint: str | None) -> None:
+  where = f' at {hookpoint}' if hookpoint else ''
   if not bool(metrics['input_finite']):
-    raise NonFiniteError(f'non-finite activations in the batch of step {step}; the last good checkpoint is kept')
+    raise NonFiniteError(
+      f'non-finite activations{where} in the batch of step {step}; the last good checkpoint is kept'
+    )
   bad = [seed for seed, loss in zip(seeds, metrics['loss']) if not np.isfinite(loss)]
   if bad:
     raise NonFiniteError(
-      f'non-finite loss at step {step} for seed(s) {bad}; the last good checkpoint is kept '
+      f'non-finite loss{where} at step {step} for seed(s) {bad}; the last good checkpoint is kept '
       f'(lower --config.lr or check the activations)'
     )
 
@@ -86,28 +89,42 @@ class Trainer:
     self.tx, self.schedule = optimizer.make_optimizer(config)
     self.metrics_log = run_folder.MetricsLog(workdir)
 
-  def fresh_state(self) -> step_lib.TrainState:
-    """Seed-stacked init on the mesh, with b_dec set from the first batch."""
-    state = step_lib.create_state(self.arch, self.spec, self.tx, self.config.init_seeds, self.mesh)
-    return step_lib.set_b_dec(state, sae_lib.data_b_dec(self.source.batch_at(0), self.config.b_dec_init))
+  @property
+  def hookpoints(self) -> list[str]:
+    return self.source.hookpoints
 
-  def compiled_step(self, state: step_lib.TrainState):
+  @property
+  def keys(self) -> list[str]:
+    return step_lib.hookpoint_keys(self.hookpoints)
+
+  def fresh_state(self) -> dict[str, step_lib.TrainState]:
+    """Per hookpoint: seed-stacked init on the mesh, with b_dec set from that hookpoint's first batch."""
+    states = {}
+    for key, first_batch in zip(self.keys, self.source.batches_at(0)):
+      state = step_lib.create_state(self.arch, self.spec, self.tx, self.config.init_seeds, self.mesh)
+      states[key] = step_lib.set_b_dec(state, sae_lib.data_b_dec(first_batch, self.config.b_dec_init))
+    return states
+
+  def compiled_step(self, states: dict[str, step_lib.TrainState]):
     step_fn = step_lib.make_train_step(
       self.arch, self.spec, self.tx, self.config.dead_tokens,
       self.config.resolved_seed_group_size(self.mesh.devices.flat[0].platform),
     )
-    return step_lib.jit_train_step(step_fn, state, self.mesh, self.config.num_latents)
+    return step_lib.jit_train_step(step_fn, states, self.mesh, self.config.num_latents)
 
-  def _initial_state(self, ckpt: checkpoint.Checkpointer) -> step_lib.TrainState:
-    state = self.fresh_state()
+  def next_inputs(self) -> dict[str, jax.Array]:
+    return dict(zip(self.keys, self.source.next_batches()))
+
+  def _initial_state(self, ckpt: checkpoint.Checkpointer) -> dict[str, step_lib.TrainState]:
+    states = self.fresh_state()
     latest = ckpt.latest_step()
     if latest is None:
-      return state
-    state, data_state = ckpt.restore(latest, checkpoint.abstract_like(state))
+      return states
+    states, data_state = ckpt.restore(latest, checkpoint.abstract_like(states))
     self.source.load_state_dict(data_state)
     self.metrics_log.truncate_after(latest)
     logging.info('resumed from step %d (%s)', latest, ckpt.directory)
-    return state
+    return states
 
   def run(self) -> RunResult:
     config = self.config
@@ -119,7 +136,7 @@ class Trainer:
       try:
         state = self._initial_state(ckpt)
         train_step = self.compiled_step(state)
-        state, step, preempted = self._loop(state, int(state['step']), train_step, ckpt, stop)
+        state, step, preempted = self._loop(state, int(state[self.keys[0]]['step']), train_step, ckpt, stop)
       finally:
         ckpt.close()
       if preempted:
@@ -142,15 +159,16 @@ class Trainer:
       done_step, device_metrics = pending
       pending = None
       host = jax.device_get(device_metrics)
-      _check_finite(host, done_step, seeds)
+      for key, hookpoint in zip(self.keys, self.hookpoints):
+        _check_finite(host[key], done_step, seeds, hookpoint if len(self.keys) > 1 else None)
       bar.update(1)
       if done_step % config.log_every == 0 or done_step == num_steps:
-        self._log(done_step, host, time.time() - started, bar)
+        for key, hookpoint in zip(self.keys, self.hookpoints):
+          self._log(done_step, hookpoint, host[key], time.time() - started, bar)
 
     step = start
     while step < num_steps:
-      x_BxD = self.source.next_batch()
-      state, device_metrics = train_step(state, x_BxD)
+      state, device_metrics = train_step(state, self.next_inputs())
       step += 1
       drain()
       pending = (step, device_metrics)
@@ -167,9 +185,10 @@ class Trainer:
     bar.close()
     return state, step, False
 
-  def _log(self, step: int, host: dict[str, np.ndarray], elapsed: float, bar) -> None:
+  def _log(self, step: int, hookpoint: str, host: dict[str, np.ndarray], elapsed: float, bar) -> None:
     record = {
       'step': step,
+      'hookpoint': hookpoint,
       'tokens': step * self.config.batch_size,
       **{name: np.asarray(host[name]).round(6).tolist() for name in PER_SEED_METRICS},
       'lr': float(self.schedule(step - 1)),
@@ -180,25 +199,39 @@ class Trainer:
       self.metrics_log.append(record)
     fvu, l0, dead = (float(np.mean(host[n])) for n in ('fvu', 'l0', 'dead_fraction'))
     bar.set_postfix(fvu=f'{fvu:.4f}', l0=f'{l0:.1f}', dead=f'{dead:.3f}')
-    logging.info('step %d/%d  fvu %.4f  l0 %.1f  dead %.3f  lr %.2e', step, self.config.num_steps, fvu, l0, dead,
-                 record['lr'])
+    logging.info('step %d/%d  %s  fvu %.4f  l0 %.1f  dead %.3f  lr %.2e', step, self.config.num_steps, hookpoint,
+                 fvu, l0, dead, record['lr'])
 
-  def _finish(self, state) -> dict[str, Any]:
-    """Exports every seed in both layouts and writes summary.json."""
+  def _finish(self, states) -> dict[str, Any]:
+    """Exports every seed of every hookpoint in both layouts and writes summary.json."""
     config = self.config
-    params = jax.device_get(state['params'])
-    last = self.metrics_log.read()[-1:] or [{}]
-    summary: dict[str, Any] = {'step': int(state['step']), 'seeds': list(config.init_seeds), 'final': last[0]}
-    summary.update(self.source.final_report(params, self.spec, held_out_position=config.num_steps))
+    records = self.metrics_log.read()
+    summary: dict[str, Any] = {'step': int(states[self.keys[0]]['step']), 'seeds': list(config.init_seeds)}
+    per_hookpoint = {}
+    for key, hookpoint in zip(self.keys, self.hookpoints):
+      params = jax.device_get(states[key]['params'])
+      last = [r for r in records if r.get('hookpoint', hookpoint) == hookpoint][-1:] or [{}]
+      per_hookpoint[hookpoint] = {
+        'final': last[0], **self.source.final_report(params, self.spec, config.num_steps, hookpoint)
+      }
+      if jax.process_index() == 0:
+        self._export(hookpoint, params)
+    if len(self.keys) == 1:
+      summary.update(per_hookpoint[self.hookpoints[0]])
+    else:
+      summary['hookpoints'] = per_hookpoint
     if jax.process_index() == 0:
-      for index, seed in enumerate(config.init_seeds):
-        seed_params = {name: np.asarray(value[index]) for name, value in params.items()}
-        sizes = {'arch': config.arch, 'k': config.k, 'd_in': config.d_in, 'num_latents': config.num_latents}
-        formats.save_eleuther(run_folder.sae_dir(self.workdir, self.source.hookpoint, seed), seed_params, **sizes)
-        formats.save_saelens(run_folder.sae_dir(self.workdir, self.source.hookpoint, seed, 'saelens'), seed_params,
-                             hook_name=self.source.hookpoint, **sizes)
       run_folder.write_json_atomic(f'{self.workdir}/{run_folder.SUMMARY}', summary)
     return summary
+
+  def _export(self, hookpoint: str, params: dict[str, np.ndarray]) -> None:
+    config = self.config
+    sizes = {'arch': config.arch, 'k': config.k, 'd_in': config.d_in, 'num_latents': config.num_latents}
+    for index, seed in enumerate(config.init_seeds):
+      seed_params = {name: np.asarray(value[index]) for name, value in params.items()}
+      formats.save_eleuther(run_folder.sae_dir(self.workdir, hookpoint, seed), seed_params, **sizes)
+      formats.save_saelens(run_folder.sae_dir(self.workdir, hookpoint, seed, 'saelens'), seed_params,
+                           hook_name=hookpoint, **sizes)
 
 
 def train(config: TrainConfig, workdir: str) -> RunResult:
@@ -209,10 +242,14 @@ def train_in_memory(config: TrainConfig, mesh: jax.sharding.Mesh | None = None,
                     num_steps: int | None = None) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
   """Trains without touching disk (for notebooks and tests): returns host params [S, ...] and per-step metrics."""
   trainer = Trainer(config, workdir='', mesh=mesh)
-  state = trainer.fresh_state()
-  train_step = trainer.compiled_step(state)
+  states = trainer.fresh_state()
+  train_step = trainer.compiled_step(states)
   history = []
   for _ in range(config.num_steps if num_steps is None else num_steps):
-    state, metrics = train_step(state, trainer.source.next_batch())
+    states, metrics = train_step(states, trainer.next_inputs())
     history.append(jax.device_get(metrics))
-  return jax.device_get(state['params']), history
+  params = {hp: jax.device_get(states[key]['params']) for key, hp in zip(trainer.keys, trainer.hookpoints)}
+  per_hookpoint_history = {hp: [h[key] for h in history] for key, hp in zip(trainer.keys, trainer.hookpoints)}
+  if len(trainer.keys) == 1:
+    return params[trainer.hookpoints[0]], per_hookpoint_history[trainer.hookpoints[0]]
+  return params, per_hookpoint_history
