@@ -16,20 +16,10 @@ from typing import Any
 import numpy as np
 
 from saejax.analysis.figures import fit_entries
+from saejax.analysis.pairs import SUMMARY_KEYS
 
-PAIR_COLUMNS = (
-  'a',
-  'b',
-  'shared_fraction',
-  'shared_fraction_notebook',
-  'partner_agreement',
-  'mean_cos_enc',
-  'mean_cos_dec',
-  'mean_max_cos_enc',
-  'mean_max_cos_dec',
-  'method',
-  'certified_optimal',
-)
+# The pair table: both names, then the per-pair keys of summary.json up to `certified_optimal`.
+PAIR_COLUMNS = ('a', 'b', *SUMMARY_KEYS[: SUMMARY_KEYS.index('certified_optimal') + 1])
 FIT_FORMULAS = {
   'power_law_offset': 'a·k^b + c',
   'power_law': 'a·k^b',
