@@ -11,33 +11,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from saejax.models.random_checkpoint import write_random_neox
+from tests.tiny_lm import make_tiny_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ['the', 'a', 'sparse', 'autoencoder', 'latent', 'feature', 'model', 'token', 'layer', 'seed', 'dictionary',
-         'matches', 'across', 'runs']
 CONTEXT, ROWS = 17, 8
 
 
 @pytest.fixture(scope='module')
 def lm_folder(tmp_path_factory):
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-  root = tmp_path_factory.mktemp('lm')
-  rng = np.random.default_rng(0)
-  docs = [' '.join(rng.choice(WORDS, size=int(rng.integers(3, 40)))) for _ in range(400)]
-  tokenizer = Tokenizer(models.BPE())
-  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tokenizer.decoder = decoders.ByteLevel()
-  tokenizer.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=['<|endoftext|>'],
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  model = root / 'tiny-neox'
-  write_random_neox(str(model), dtype=np.float32, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                    intermediate_size=64, vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=64)
-  tokenizer.save(str(model / 'tokenizer.json'))
-  corpus = root / 'corpus.jsonl'
-  corpus.write_text(''.join(json.dumps({'text': doc}) + '\n' for doc in docs))
-  return model, corpus
+  return make_tiny_lm(tmp_path_factory.mktemp('lm'))
 
 
 def run(module, *args):

@@ -7,6 +7,7 @@ seeds in one jitted step per batch, and are stored in the run folder.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 
@@ -59,17 +60,25 @@ def count_firing(
   num_batches = max(1, -(-num_tokens // source.batch_size))
   # int32 per batch on the device (< 2^31 tokens each), summed on the host in int64 every 256 batches.
   total_SxF = np.zeros((params['W_dec'].shape[0], spec.num_latents), np.int64)
-  pending = None
+  pending, counted = None, 0
   positions = range(start_position, start_position + num_batches)
   for n, position in enumerate(tqdm(positions, desc='firing', disable=None if progress else True)):
-    counts = counts_fn(params, source.batches_at(position)[hookpoint_index])
+    try:
+      batch = source.batches_at(position)[hookpoint_index]
+    except IndexError:  # the data ran out (StreamExhaustedError): count what there was
+      logging.warning('firing counts: data ran out after %d of %d batches', n, num_batches)
+      break
+    counts = counts_fn(params, batch)
     pending = counts if pending is None else pending + counts
+    counted += 1
     if n % 256 == 255:
       total_SxF += np.asarray(pending)
       pending = None
   if pending is not None:
     total_SxF += np.asarray(pending)
-  return total_SxF, num_batches * source.batch_size
+  if counted == 0:
+    raise ValueError(f'no tokens left after position {start_position} to count firing on; pass more data')
+  return total_SxF, counted * source.batch_size
 
 
 def save_counts(workdir: str, counts_SxF: np.ndarray, tokens: int, seeds: list[str],

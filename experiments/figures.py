@@ -1,0 +1,140 @@
+"""Collect the alignments of a sweep's runs into the paper's Fig. 4, Fig. 5 and Fig. A3.
+
+  python -m experiments.figures --root=runs --out=figures/
+
+Reads `ROOT/<sweep>/<run>/config.json` and `ROOT/<sweep>/<run>/alignment/summary.json` for every sweep of
+`experiments.sweep` that has results, writes one PNG per figure and `figures.json` with the plotted numbers.
+Runs without an alignment yet are listed as missing, not plotted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from experiments.ablations import SWEEPS  # noqa: E402
+
+_ROOT = flags.DEFINE_string('root', 'runs', 'The --root the sweeps ran under.')
+_OUT = flags.DEFINE_string('out', None, 'Output folder (default ROOT/figures).')
+
+NUMERIC_FIELDS = ('num_latents', 'k', 'num_tokens')
+
+
+def collect(root: str) -> tuple[dict[str, list[dict]], list[str]]:
+  """{sweep: [{run, field, value, shared_fraction, mean_cos_enc, ...}, ...]} and the runs still missing."""
+  results, missing = {}, []
+  for sweep, runs in SWEEPS.items():
+    rows = []
+    for run in runs:
+      workdir = run.workdir(root, sweep)
+      summary_path = os.path.join(workdir, 'alignment', 'summary.json')
+      if not os.path.exists(summary_path):
+        if os.path.exists(workdir):
+          missing.append(workdir)
+        continue
+      with open(os.path.join(workdir, 'config.json')) as f:
+        config = json.load(f)
+      with open(summary_path) as f:
+        pairs = json.load(f)['pairs']
+      row = {'run': run.name, 'field': run.varied, 'value': config.get(run.varied), 'pairs': len(pairs)}
+      for key in ('shared_fraction', 'shared_fraction_notebook', 'partner_agreement', 'mean_cos_enc',
+                  'mean_cos_dec', 'mean_max_cos_enc', 'mean_max_cos_dec'):
+        row[key] = float(np.mean([p[key] for p in pairs]))
+      rows.append(row)
+    if rows:
+      results[sweep] = rows
+  return results, missing
+
+
+def _line(ax, rows, key, label=None, **style):
+  rows = sorted(rows, key=lambda r: r['value'])
+  ax.plot([r['value'] for r in rows], [r[key] for r in rows], marker='o', label=label, **style)
+
+
+def _bars(ax, rows, key='shared_fraction'):
+  ax.bar([r['run'] for r in rows], [r[key] for r in rows], color='tab:blue')
+  ax.tick_params(axis='x', rotation=30)
+
+
+def plot_fig4(results, path) -> str | None:
+  sweeps = [s for s in ('fig4_latents', 'fig4_k', 'fig4_tokens') if s in results]
+  if not sweeps:
+    return None
+  fig, axes = plt.subplots(1, len(sweeps), figsize=(4.5 * len(sweeps), 3.6), squeeze=False)
+  for ax, sweep in zip(axes[0], sweeps):
+    _line(ax, results[sweep], 'shared_fraction')
+    ax.set_xscale('log')
+    ax.set_xlabel(results[sweep][0]['field'])
+    ax.set_ylabel('fraction of shared latents')
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
+  return path
+
+
+def plot_fig5(results, path) -> str | None:
+  panels = [s for s in ('fig5_layers', 'fig5_models', 'fig5_arch') if s in results]
+  if not panels:
+    return None
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.6), squeeze=False)
+  for ax, sweep in zip(axes[0], panels):
+    if sweep == 'fig5_layers':
+      for size in sorted({r['run'].split('_')[0] for r in results[sweep]}):
+        rows = [{**r, 'value': int(r['value'].split('.')[1])} for r in results[sweep] if r['run'].startswith(size)]
+        _line(ax, rows, 'shared_fraction', label=size)
+      ax.set_xlabel('layer')
+      ax.legend()
+    else:
+      _bars(ax, results[sweep])
+    ax.set_ylabel('fraction of shared latents')
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
+  return path
+
+
+def plot_figA3(results, path) -> str | None:
+  sweeps = [s for s in ('fig4_latents', 'fig4_k', 'fig4_tokens') if s in results]
+  if not sweeps:
+    return None
+  fig, axes = plt.subplots(1, len(sweeps), figsize=(4.5 * len(sweeps), 3.6), squeeze=False)
+  for ax, sweep in zip(axes[0], sweeps):
+    for key, label in (('mean_cos_dec', 'matched (decoder)'), ('mean_max_cos_dec', 'max (decoder)'),
+                       ('mean_cos_enc', 'matched (encoder)'), ('mean_max_cos_enc', 'max (encoder)')):
+      _line(ax, results[sweep], key, label=label)
+    ax.set_xscale('log')
+    ax.set_xlabel(results[sweep][0]['field'])
+    ax.set_ylabel('mean cosine similarity')
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
+  return path
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  root = _ROOT.value
+  out = _OUT.value or os.path.join(root, 'figures')
+  results, missing = collect(root)
+  if not results:
+    print(f'error: no aligned sweep runs under {root!r}; run python -m experiments.sweep first', file=sys.stderr)
+    sys.exit(2)
+  os.makedirs(out, exist_ok=True)
+  made = {name: fn(results, os.path.join(out, f'{name}.png'))
+          for name, fn in (('fig4', plot_fig4), ('fig5', plot_fig5), ('figA3', plot_figA3))}
+  with open(os.path.join(out, 'figures.json'), 'w') as f:
+    json.dump({'results': results, 'missing': missing, 'figures': {k: v for k, v in made.items() if v}}, f, indent=1)
+  print(json.dumps({'figures': [v for v in made.values() if v], 'missing_runs': missing}))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,58 @@
+"""Sweeps build the paper's run matrices; a sweep runs locally end to end and `experiments.figures` plots it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments.ablations import SWEEPS
+from tests.tiny_lm import make_tiny_lm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+       'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
+
+
+def run(module, *args):
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                        timeout=900)
+
+
+def test_every_sweep_prints_a_train_and_an_align_command_per_run():
+  expected_values = {'fig4_latents': 'num_latents', 'fig4_k': 'k', 'fig4_tokens': 'num_tokens'}
+  for name, runs in SWEEPS.items():
+    result = run('experiments.sweep', f'--sweep={name}', '--root=gs://bucket/runs')
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 * len(runs)
+    assert all('experiments.train' in line for line in lines[::2])
+    assert all(line.startswith('python -m experiments.align --workdir=gs://bucket/runs/') for line in lines[1::2])
+    if name in expected_values:
+      assert all(f'--config.{expected_values[name]}=' in line for line in lines[::2])
+  layers = run('experiments.sweep', '--sweep=fig5_layers').stdout
+  assert all(f'--config.hookpoint=layers.{i}.mlp' in layers for i in range(12))
+  assert run('experiments.sweep', '--sweep=nope').returncode == 2
+
+
+@pytest.mark.slow
+def test_architecture_sweep_runs_locally_and_plots(tmp_path):
+  model, corpus = make_tiny_lm(tmp_path)
+  sets = [f'model={model}', f'dataset={corpus}', 'hookpoint=layers.1.mlp', 'd_in=32', 'lm_dtype=float32',
+          'num_latents=32', 'k=4', 'context_length=17', 'batch_size=136', 'num_tokens=2720', 'init_seeds=0,1,2',
+          'eval_tokens=136', 'warmup_steps=2']
+  root = tmp_path / 'runs'
+  result = run('experiments.sweep', '--sweep=fig5_arch', '--mode=local', f'--root={root}',
+               *[f'--set={item}' for item in sets])
+  assert result.returncode == 0, result.stderr[-3000:]
+  for arch in ('topk', 'gated', 'relu'):
+    config = json.loads((root / 'fig5_arch' / arch / 'config.json').read_text())
+    assert config['arch'] == arch and config['num_latents'] == 32
+    assert (root / 'fig5_arch' / arch / 'alignment' / 'summary.json').exists()
+  result = run('experiments.figures', f'--root={root}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (root / 'figures' / 'fig5.png').read_bytes()[:4] == b'\x89PNG'
+  plotted = json.loads((root / 'figures' / 'figures.json').read_text())['results']['fig5_arch']
+  assert [r['run'] for r in plotted] == ['topk', 'gated', 'relu']
+  assert all(0.0 <= r['shared_fraction'] <= 1.0 for r in plotted)
