@@ -7,6 +7,10 @@ reach the SAEs as float32 `[rows * context_length, d]`.
 BOS/EOS exclusion keeps the batch shape fixed, as the jitted step needs: each excluded position takes the
 activation of the nearest earlier kept position of the same sequence (or the first kept one), so the SAEs
 never see special-token activations and every step still has `batch_size` rows.
+
+With several processes each reads only its own rows of every global batch (the token stream's host slice) and
+`LanguageModel.place_tokens` assembles the global batch on the mesh; the forward and the flattening keep it
+split over `data`, so no host ever holds another host's activations.
 """
 
 from __future__ import annotations
@@ -34,13 +38,19 @@ def _fill_excluded(acts_BxTxD: jax.Array, keep_BxT: jax.Array) -> jax.Array:
   return jnp.take_along_axis(acts_BxTxD, source_BxT[..., None], axis=1)
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _without_special(acts_BxTxD: jax.Array, tokens_BxT: jax.Array, exclude_ids: tuple[int, ...]) -> jax.Array:
+  """`_fill_excluded` at the positions holding `exclude_ids`, on the mesh (jitted: the batch may span hosts)."""
+  keep_BxT = ~jnp.isin(tokens_BxT, jnp.asarray(exclude_ids, tokens_BxT.dtype))
+  return _fill_excluded(acts_BxTxD, keep_BxT)
+
+
 class LMActivationSource(ActivationSource):
   """Activations of `config.hookpoint` of `config.model` over `config.dataset`, `batch_size` tokens a batch."""
 
   def __init__(self, config, sharding: NamedSharding, model=None, token_stream=None):
     super().__init__(sharding)
     from saejax import models
-    from saejax.data import tokens
 
     dtype = jnp.bfloat16 if config.lm_dtype == 'bfloat16' else jnp.float32
     self.model = model if model is not None else models.load_pretrained(config.model, dtype=dtype,
@@ -60,7 +70,6 @@ class LMActivationSource(ActivationSource):
     self.tokens = token_stream
     special = {self.model.config.bos_token_id, *np.atleast_1d(self.model.config.eos_token_id or [])} - {None}
     self.exclude_ids = sorted(int(i) for i in special) if config.exclude_special_tokens else []
-    self._tokens_module = tokens
     self.eval_tokens = config.eval_tokens
 
   def token_batch(self, position: int) -> np.ndarray:
@@ -72,13 +81,12 @@ class LMActivationSource(ActivationSource):
 
   def batches_at(self, position: int) -> tuple[jax.Array, ...]:
     """All hookpoints from one forward (up to the deepest one's layer)."""
-    tokens_BxT = self.token_batch(position)
+    # This host's rows -> the global batch on the mesh (every process's rows when there are several).
+    tokens_BxT = self.model.place_tokens(self.token_batch(position))
     acts = self.model.activations(tokens_BxT, self._hookpoints)
-    keep_BxT = None
     if self.exclude_ids:
-      keep_BxT = jnp.asarray(self._tokens_module.token_mask(tokens_BxT, self.exclude_ids))
-    return tuple(self._flatten(acts[name] if keep_BxT is None else _fill_excluded(acts[name], keep_BxT))
-                 for name in self._hookpoints)
+      acts = {name: _without_special(acts[name], tokens_BxT, tuple(self.exclude_ids)) for name in self._hookpoints}
+    return tuple(self._flatten(acts[name]) for name in self._hookpoints)
 
   def batch_at(self, position: int) -> jax.Array:
     return self.batches_at(position)[0]

@@ -44,6 +44,14 @@ class LanguageModel:
     """(layer, kind) with kind in 'resid' | 'attn' | 'mlp'; ValueError for bad names or out-of-range layers."""
     return config_lib.parse_hookpoint(name, self.config.num_layers)
 
+  def place_tokens(self, tokens_BxT) -> jax.Array:
+    """The int32 token batch the forward consumes, on the mesh.
+
+    With several processes each passes only its own rows (a token stream's host slice) and gets back the
+    global batch of every process's rows, split over `data`; an array that is already global passes through.
+    """
+    return self._tokens(tokens_BxT)
+
   def _tokens(self, tokens_BxT) -> jax.Array:
     # Host batches go straight to their sharding (cast to int32 there: datasets yield int64).
     if isinstance(tokens_BxT, jax.Array):
@@ -54,9 +62,31 @@ class LanguageModel:
       raise ValueError(f'tokens must be [batch, seq], got shape {tokens_BxT.shape}')
     if self.mesh is None:
       return jnp.asarray(tokens_BxT)
+    if jax.process_count() > 1 and not (isinstance(tokens_BxT, jax.Array) and not tokens_BxT.is_fully_addressable):
+      return self._global_tokens(np.asarray(tokens_BxT))
     data_size = self.mesh.shape.get(DATA, 1)
     split = data_size > 1 and tokens_BxT.shape[0] % data_size == 0
     return jax.device_put(tokens_BxT, NamedSharding(self.mesh, P(DATA if split else None, None)))
+
+  def _global_tokens(self, local_RxT: np.ndarray) -> jax.Array:
+    """This process's rows -> the global [rows * process_count, T] batch, rows split over `data`.
+
+    Each process's rows fill the rows of the data shards its devices hold (process order when the mesh lists
+    devices process by process); the data axis has to split the global rows and span the processes.
+    """
+    global_shape = (local_RxT.shape[0] * jax.process_count(), local_RxT.shape[1])
+    data_size = self.mesh.shape.get(DATA, 1)
+    sharding = NamedSharding(self.mesh, P(DATA, None))
+    try:
+      if global_shape[0] % data_size:
+        raise ValueError(f'{global_shape[0]} rows do not split over the {data_size}-way data axis')
+      return jax.make_array_from_process_local_data(sharding, local_RxT, global_shape)
+    except ValueError as error:
+      raise ValueError(
+        f'cannot assemble a {global_shape[0]}-row token batch from {local_RxT.shape[0]} rows on each of '
+        f'{jax.process_count()} processes ({str(error).splitlines()[0]}); use a mesh whose data axis splits the '
+        f'rows and spans the processes (--config.mesh_data / --config.mesh_model)'
+      ) from error
 
   def _run(self, tokens_BxT, taps: Iterable[str], replace, want_logits: bool):
     taps = tuple(sorted(set(taps)))

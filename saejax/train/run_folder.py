@@ -40,9 +40,13 @@ def sae_dir(workdir: str, hookpoint: str, seed: int, layout: str = 'saes') -> st
   return os.path.join(workdir, layout, hookpoint, f'seed{seed}')
 
 
-def prepare(workdir: str, config: TrainConfig) -> None:
-  """Creates the folder and writes config.json, or checks that an existing run has the same config."""
-  os.makedirs(workdir, exist_ok=True)
+def prepare(workdir: str, config: TrainConfig, write: bool = True) -> None:
+  """Creates the folder and writes config.json, or checks that an existing run has the same config.
+
+  Every process of a multi-host run checks; only the one with `write` (process 0) creates and writes.
+  """
+  if write:
+    os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG)
   if os.path.exists(path):
     try:
@@ -60,7 +64,8 @@ def prepare(workdir: str, config: TrainConfig) -> None:
         f'{workdir} holds a run with a different config ({"; ".join(differences[:4])}); '
         f'rerun with its original flags to resume, or use a new --workdir'
       )
-  write_json_atomic(path, config.to_json())
+  if write:
+    write_json_atomic(path, config.to_json())
 
 
 class MetricsLog:

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from saejax import data, formats
@@ -38,13 +39,20 @@ class RunResult:
 
 
 class _Stop:
-  """Turns SIGTERM into a flag the loop checks at step boundaries."""
+  """Turns SIGTERM into a flag the loop checks at step boundaries (single process).
+
+  With several processes a flag set on one host would make only that host save, and the others would wait in
+  the next step's collectives forever. There `jax.distributed`'s preemption service owns SIGTERM instead, and
+  `Checkpointer.reached_preemption` turns true on every host at the same step; no handler is installed here.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. a notebook worker): no handler, no preemption save
@@ -122,13 +130,14 @@ class Trainer:
       return states
     states, data_state = ckpt.restore(latest, checkpoint.abstract_like(states))
     self.source.load_state_dict(data_state)
-    self.metrics_log.truncate_after(latest)
+    if jax.process_index() == 0:
+      self.metrics_log.truncate_after(latest)
     logging.info('resumed from step %d (%s)', latest, ckpt.directory)
     return states
 
   def run(self) -> RunResult:
     config = self.config
-    run_folder.prepare(self.workdir, config)
+    run_folder.prepare(self.workdir, config, write=jax.process_index() == 0)
     self.source.save_artifacts(self.workdir)
     # The handler covers restore and compilation too: a SIGTERM there is honoured after the next step.
     with _Stop() as stop:
@@ -150,7 +159,8 @@ class Trainer:
     num_steps = config.num_steps
     started = time.time()
     pending = None  # (step, device metrics) of the last dispatched step, read one step late
-    bar = tqdm(total=num_steps, initial=start, desc='train', unit='step', dynamic_ncols=True, disable=None)
+    bar = tqdm(total=num_steps, initial=start, desc='train', unit='step', dynamic_ncols=True,
+               disable=None if jax.process_index() == 0 else True)
 
     def drain():
       nonlocal pending
@@ -209,7 +219,7 @@ class Trainer:
     summary: dict[str, Any] = {'step': int(states[self.keys[0]]['step']), 'seeds': list(config.init_seeds)}
     per_hookpoint = {}
     for key, hookpoint in zip(self.keys, self.hookpoints):
-      params = jax.device_get(states[key]['params'])
+      params = host_params(states[key]['params'])
       last = [r for r in records if r.get('hookpoint', hookpoint) == hookpoint][-1:] or [{}]
       per_hookpoint[hookpoint] = {
         'final': last[0], **self.source.final_report(params, self.spec, config.num_steps, hookpoint)
@@ -232,6 +242,14 @@ class Trainer:
       formats.save_eleuther(run_folder.sae_dir(self.workdir, hookpoint, seed), seed_params, **sizes)
       formats.save_saelens(run_folder.sae_dir(self.workdir, hookpoint, seed, 'saelens'), seed_params,
                            hook_name=hookpoint, **sizes)
+
+
+def host_params(params: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+  """Full numpy copies of seed-stacked params on every process; with several processes the latent shards of
+  other hosts are all-gathered first (a collective: every process must call this)."""
+  if jax.process_count() == 1:
+    return jax.device_get(params)
+  return multihost_utils.process_allgather(params, tiled=True)
 
 
 def train(config: TrainConfig, workdir: str) -> RunResult:
