@@ -24,6 +24,8 @@ from saejax.config import TrainConfig
 
 _OUT = flags.DEFINE_string('out', 'runs/reproduce', 'Output folder for report.md and claims.json.')
 _QUICK = flags.DEFINE_bool('quick', False, 'Tiny sizes (the test-suite variant).')
+VERDICTS = {True: 'yes', False: '**no**', None: 'not tested'}
+REPORT_VERDICTS = {True: 'HOLDS', False: 'DOES NOT HOLD', None: 'NOT TESTED'}
 
 
 def synthetic_base(quick: bool) -> TrainConfig:
@@ -81,7 +83,7 @@ def write_report(out: str, results: list[claims.Claim], seconds: float, quick: b
     '# Reproduction of the paper\'s qualitative claims', '',
     f'{"Quick" if quick else "Full"} suite, {seconds:.0f} s. Synthetic ground truth unless marked [random LM].', '',
     '| claim | measured | holds |', '|---|---|---|',
-    *[f'| {c.claim} | {c.measured} | {"yes" if c.holds else "**no**"} |' for c in results],
+    *[f'| {c.claim} | {c.measured} | {VERDICTS[c.holds]} |' for c in results],
   ]
   with open(os.path.join(out, 'report.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
@@ -98,7 +100,7 @@ def main(argv: list[str]) -> None:
     results = run_claims(_QUICK.value, folder)
   write_report(_OUT.value, results, time.time() - started, _QUICK.value)
   for claim in results:
-    print(f'{"HOLDS" if claim.holds else "DOES NOT HOLD"}: {claim.claim}: {claim.measured}')
+    print(f'{REPORT_VERDICTS[claim.holds]}: {claim.claim}: {claim.measured}')
 
 
 if __name__ == '__main__':

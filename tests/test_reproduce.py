@@ -27,7 +27,7 @@ def test_quick_reproduction_reports_every_claim(tmp_path):
   for claim in CLAIMS:
     assert any(name.startswith(claim) for name in names), claim
   assert any(name.startswith('[random LM]') for name in names)
-  assert all(isinstance(c['holds'], bool) and c['measured'] for c in claims)
+  assert all(c['holds'] in (True, False, None) and c['measured'] for c in claims)
   # The one claim that is a mathematical certainty must hold, on both sources.
   assert all(c['holds'] for c in claims if 'permuted copy' in c['claim'])
   report = (tmp_path / 'report.md').read_text()

@@ -24,7 +24,7 @@ from saejax.train.trainer import train_in_memory
 class Claim:
   claim: str
   measured: str
-  holds: bool
+  holds: bool | None  # None: the run could not test the claim (e.g. sparsity not matched)
   details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -128,4 +128,8 @@ def l1_vs_topk(base: TrainConfig, l1_coefficients) -> Claim:
     rows[arch] = (fraction, summary['l0'])
   holds = rows['relu'][0] > rows['topk'][0] and rows['gated'][0] > rows['topk'][0]
   measured = ', '.join(f'{arch}: shared {f:.3f} at L0 {l0:.1f}' for arch, (f, l0) in rows.items())
-  return Claim('ReLU+L1 and Gated are more stable than TopK at matched L0', measured, bool(holds), {'rows': rows})
+  matched = all(abs(l0 - topk['l0']) <= 0.25 * topk['l0'] for _, l0 in rows.values())
+  if not matched:
+    measured += ' (L0 not matched within 25%: not a test of the claim)'
+  return Claim('ReLU+L1 and Gated are more stable than TopK at matched L0', measured, bool(holds) if matched else None,
+               {'rows': rows})
