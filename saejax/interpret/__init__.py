@@ -1,0 +1,1 @@
+"""Interpretability of shared vs orphan latents: contexts, LLM explanations, detection scoring."""
