@@ -10,14 +10,14 @@ Exit codes: 0 done, 2 bad input (one line on stderr; nothing is left half-writte
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
 import sys
 
 import numpy as np
 from absl import app, flags, logging
+
+from saejax.train import run_folder
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run folder; aligns all seeds of one hookpoint.')
 _SAES = flags.DEFINE_multi_string('saes', None, 'SAE folders to align (recipe.md section 4 or SAELens layout).')
@@ -32,22 +32,6 @@ _FIRING_TOKENS = flags.DEFINE_integer('firing_tokens', 1_000_000, 'Tokens for fi
 def fail(message: str) -> None:
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
-
-
-def run_sae_dirs(workdir: str, hookpoint: str | None) -> tuple[str, dict[str, str]]:
-  root = os.path.join(workdir, 'saes')
-  hookpoints = sorted(os.listdir(root)) if os.path.isdir(root) else []
-  if not hookpoints:
-    raise FileNotFoundError(f'{root} holds no exported SAEs; train first (python -m experiments.train ...)')
-  if hookpoint is None:
-    if len(hookpoints) > 1:
-      raise ValueError(f'{workdir} has several hookpoints {hookpoints}; choose one with --hookpoint')
-    hookpoint = hookpoints[0]
-  if hookpoint not in hookpoints:
-    raise ValueError(f'{workdir} has no SAEs at hookpoint {hookpoint!r}; choose one of {hookpoints}')
-  folders = glob.glob(os.path.join(root, hookpoint, 'seed*'))
-  by_seed = sorted(folders, key=lambda p: int(re.sub(r'\D', '', os.path.basename(p)) or 0))
-  return hookpoint, {os.path.basename(path): path for path in by_seed}
 
 
 def run_firing(workdir: str, hookpoint: str, sae_dirs: dict[str, str], num_tokens: int):
@@ -86,7 +70,7 @@ def main(argv: list[str]) -> None:
   try:
     firing_counts = None
     if _WORKDIR.value:
-      hookpoint, sae_dirs = run_sae_dirs(_WORKDIR.value, _HOOKPOINT.value)
+      hookpoint, sae_dirs = run_folder.exported_sae_dirs(_WORKDIR.value, _HOOKPOINT.value)
       out = _OUT.value or os.path.join(_WORKDIR.value, 'alignment')
       if _FIRING_TOKENS.value > 0:
         try:

@@ -21,6 +21,8 @@ import urllib.parse
 import numpy as np
 from absl import app, flags, logging
 
+from saejax.train import run_folder
+
 _WORKDIR = flags.DEFINE_string('workdir', None, 'An aligned LM training run folder.')
 _BASE_URL = flags.DEFINE_string('base_url', None, 'OpenAI-compatible server, e.g. http://localhost:8000/v1.')
 _MODEL = flags.DEFINE_string('model', None, 'Model name sent to the server.')
@@ -57,21 +59,6 @@ def check_reachable(base_url: str, timeout_s: float = 5.0) -> None:
   except OSError as error:
     raise ConnectionError(f'cannot reach the server at {parts.hostname}:{port} ({error.strerror or error}); '
                           'start it or fix --base_url') from None
-
-
-def run_sae_dirs(run: str, hookpoint: str | None) -> tuple[str, dict[str, str]]:
-  """The hookpoint (the only one unless named) and its seed folders {'seed0': path}."""
-  root = os.path.join(run, 'saes')
-  hookpoints = sorted(os.listdir(root)) if os.path.isdir(root) else []
-  if not hookpoints:
-    raise FileNotFoundError(f'{root} holds no exported SAEs; train first (python -m experiments.train ...)')
-  if hookpoint is None and len(hookpoints) > 1:
-    raise ValueError(f'{run} has several hookpoints {hookpoints}; choose the aligned one with --hookpoint')
-  hookpoint = hookpoint or hookpoints[0]
-  if hookpoint not in hookpoints:
-    raise ValueError(f'{run} has no SAEs at hookpoint {hookpoint!r}; choose one of {hookpoints}')
-  folder = os.path.join(root, hookpoint)
-  return hookpoint, {name: os.path.join(folder, name) for name in sorted(os.listdir(folder)) if name.startswith('seed')}
 
 
 def choose_latents(run: str, seeds: list[str], spec: str, sample_seed: int, sizes: dict[str, int]):
@@ -119,7 +106,7 @@ def interpret(run: str) -> None:
     config = TrainConfig.from_json(json.load(f))
   if config.source != 'lm':
     raise ValueError(f'{run} was trained on source={config.source!r}; interpretation needs an LM run')
-  hookpoint, sae_dirs = run_sae_dirs(run, _HOOKPOINT.value)
+  hookpoint, sae_dirs = run_folder.exported_sae_dirs(run, _HOOKPOINT.value)
   seeds = [s if s.startswith('seed') else f'seed{s}' for s in _SEEDS.value]
   missing = [s for s in seeds if s not in sae_dirs]
   if missing or not seeds:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from saejax.config import TrainConfig
@@ -38,6 +39,23 @@ def write_json_atomic(path: str, data: Any) -> None:
 
 def sae_dir(workdir: str, hookpoint: str, seed: int, layout: str = 'saes') -> str:
   return os.path.join(workdir, layout, hookpoint, f'seed{seed}')
+
+
+def exported_sae_dirs(workdir: str, hookpoint: str | None = None) -> tuple[str, dict[str, str]]:
+  """The hookpoint (the only one unless named) and its exported seed folders {'seed0': path}, in seed order."""
+  root = os.path.join(workdir, 'saes')
+  hookpoints = sorted(os.listdir(root)) if os.path.isdir(root) else []
+  if not hookpoints:
+    raise FileNotFoundError(f'{root} holds no exported SAEs; train first (python -m experiments.train ...)')
+  if hookpoint is None:
+    if len(hookpoints) > 1:
+      raise ValueError(f'{workdir} has several hookpoints {hookpoints}; choose one with --hookpoint')
+    hookpoint = hookpoints[0]
+  if hookpoint not in hookpoints:
+    raise ValueError(f'{workdir} has no SAEs at hookpoint {hookpoint!r}; choose one of {hookpoints}')
+  folder = os.path.join(root, hookpoint)
+  seeds = [name for name in os.listdir(folder) if re.fullmatch(r'seed\d+', name)]
+  return hookpoint, {name: os.path.join(folder, name) for name in sorted(seeds, key=lambda n: int(n[4:]))}
 
 
 def prepare(workdir: str, config: TrainConfig, write: bool = True) -> None:
