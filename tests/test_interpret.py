@@ -12,10 +12,9 @@ import pytest
 
 from saejax.interpret import prompts
 from tests.fake_chat_server import RequestLog, deterministic_answer, deterministic_llm, ok, serve
-from tests.tiny_lm import make_tiny_lm
+from tests.tiny_lm import CONTEXT, ROWS, make_tiny_lm, tiny_train_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONTEXT, ROWS = 17, 8
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
        'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
 ENV.pop('OPENAI_API_KEY', None)
@@ -87,13 +86,7 @@ def aligned_run(tmp_path_factory):
   model, corpus = make_tiny_lm(root)
   workdir = root / 'run'
   batch = CONTEXT * ROWS
-  result = run_module(
-    'experiments.train', '--config=pythia160m', f'--workdir={workdir}', f'--config.model={model}',
-    f'--config.dataset={corpus}', '--config.hookpoint=layers.1.mlp', '--config.d_in=32', '--config.lm_dtype=float32',
-    '--config.num_latents=64', '--config.k=4', f'--config.context_length={CONTEXT}', f'--config.batch_size={batch}',
-    f'--config.num_tokens={batch * 40}', '--config.init_seeds=0,1,2', '--config.lr=3e-3', '--config.warmup_steps=5',
-    f'--config.eval_tokens={batch * 2}', '--config.log_every=10', '--config.checkpoint_every=20',
-  )
+  result = run_module('experiments.train', *tiny_train_args(model, corpus, workdir))
   assert result.returncode == 0, result.stderr[-3000:]
   result = run_module('experiments.align', f'--workdir={workdir}', f'--firing_tokens={batch * 4}')
   assert result.returncode == 0, result.stderr[-3000:]

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.tiny_lm import make_tiny_lm
+from tests.tiny_lm import CONTEXT, ROWS, make_tiny_lm, tiny_train_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONTEXT, ROWS = 17, 8
 
 
 @pytest.fixture(scope='module')
@@ -34,13 +33,7 @@ def test_pythia_preset_scaled_down_trains_and_aligns(lm_folder, tmp_path):
   model, corpus = lm_folder
   workdir = tmp_path / 'run'
   batch = CONTEXT * ROWS
-  result = run(
-    'experiments.train', '--config=pythia160m', f'--workdir={workdir}', f'--config.model={model}',
-    f'--config.dataset={corpus}', '--config.hookpoint=layers.1.mlp', '--config.d_in=32', '--config.lm_dtype=float32',
-    '--config.num_latents=64', '--config.k=4', f'--config.context_length={CONTEXT}', f'--config.batch_size={batch}',
-    f'--config.num_tokens={batch * 40}', '--config.init_seeds=0,1,2', '--config.lr=3e-3', '--config.warmup_steps=5',
-    f'--config.eval_tokens={batch * 2}', '--config.log_every=10', '--config.checkpoint_every=20',
-  )
+  result = run('experiments.train', *tiny_train_args(model, corpus, workdir))
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((workdir / 'summary.json').read_text())
   evaluation = summary['lm_eval']

@@ -29,3 +29,18 @@ def make_tiny_lm(root):
   corpus = root / 'corpus.jsonl'
   corpus.write_text(''.join(json.dumps({'text': doc}) + '\n' for doc in docs))
   return model, corpus
+
+
+CONTEXT, ROWS = 17, 8  # tokens per sequence and sequences per batch of the tiny runs
+
+
+def tiny_train_args(model, corpus, workdir) -> list[str]:
+  """`experiments.train` arguments of the standard tiny LM run: 3 seeds, 40 steps, layers.1.mlp, eval at the end."""
+  batch = CONTEXT * ROWS
+  return [
+    '--config=pythia160m', f'--workdir={workdir}', f'--config.model={model}', f'--config.dataset={corpus}',
+    '--config.hookpoint=layers.1.mlp', '--config.d_in=32', '--config.lm_dtype=float32', '--config.num_latents=64',
+    '--config.k=4', f'--config.context_length={CONTEXT}', f'--config.batch_size={batch}',
+    f'--config.num_tokens={batch * 40}', '--config.init_seeds=0,1,2', '--config.lr=3e-3', '--config.warmup_steps=5',
+    f'--config.eval_tokens={batch * 2}', '--config.log_every=10', '--config.checkpoint_every=20',
+  ]
