@@ -147,6 +147,13 @@ check_run_name() {
   fi
 }
 
+# The checks shared by the scripts that select a run on some workers (status, logs, stop), after option parsing.
+check_selection() {
+  export DRY_RUN
+  if [[ -n $1 ]]; then check_run_name "$1"; fi
+  [[ $2 =~ ^(all|[0-9]+([,-][0-9]+)*)$ ]] || usage_error "--worker takes all, an index, a list (1,3) or a range (1-3)"
+}
+
 # rpath PATH: a shell expression for PATH on a worker (relative paths are under the worker's home).
 rpath() {
   case $1 in

@@ -41,10 +41,8 @@ while (($#)); do
   esac
   shift
 done
-export DRY_RUN
-if [[ -n $name ]]; then check_run_name "$name"; fi
+check_selection "$name" "$worker"
 [[ $lines =~ ^[0-9]+$ ]] || usage_error "--lines takes a whole number"
-[[ $worker =~ ^(all|[0-9]+([,-][0-9]+)*)$ ]] || usage_error "--worker takes all, an index, a list (1,3) or a range (1-3)"
 
 load_env
 require PROJECT ZONE TPU_NAME

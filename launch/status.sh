@@ -36,9 +36,7 @@ while (($#)); do
   esac
   shift
 done
-export DRY_RUN
-if [[ -n $name ]]; then check_run_name "$name"; fi
-[[ $worker =~ ^(all|[0-9]+([,-][0-9]+)*)$ ]] || usage_error "--worker takes all, an index, a list (1,3) or a range (1-3)"
+check_selection "$name" "$worker"
 
 load_env
 require PROJECT ZONE TPU_NAME
