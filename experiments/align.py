@@ -10,13 +10,12 @@ Exit codes: 0 done, 2 bad input (one line on stderr; nothing is left half-writte
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import numpy as np
 from absl import app, flags, logging
 
+from saejax import storage
 from saejax.train import run_folder
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run folder; aligns all seeds of one hookpoint.')
@@ -42,8 +41,7 @@ def run_firing(workdir: str, hookpoint: str, sae_dirs: dict[str, str], num_token
   from saejax.analysis import firing
   from saejax.config import TrainConfig
 
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = TrainConfig.from_json(json.load(f))
+  config = TrainConfig.from_json(run_folder.read_config(workdir))
   file_key = hookpoint if len(config.hookpoints) > 1 else None
   stored = firing.load_counts(workdir, file_key)
   if stored is not None and int(stored['tokens']) >= num_tokens and list(stored['seeds']) == list(sae_dirs):
@@ -71,7 +69,7 @@ def main(argv: list[str]) -> None:
     firing_counts = None
     if _WORKDIR.value:
       hookpoint, sae_dirs = run_folder.exported_sae_dirs(_WORKDIR.value, _HOOKPOINT.value)
-      out = _OUT.value or os.path.join(_WORKDIR.value, 'alignment')
+      out = _OUT.value or storage.join(_WORKDIR.value, 'alignment')
       if _FIRING_TOKENS.value > 0:
         try:
           firing_counts = run_firing(_WORKDIR.value, hookpoint, sae_dirs, _FIRING_TOKENS.value)
@@ -81,7 +79,7 @@ def main(argv: list[str]) -> None:
       folders = list(_SAES.value) + extra
       if not _OUT.value:
         fail('--out is required with --saes')
-      names = [os.path.basename(os.path.normpath(path)) for path in folders]
+      names = [storage.basename(path) for path in folders]
       if len(set(names)) != len(names):
         fail(f'SAE folder names must differ (they name the pairs): {names}')
       sae_dirs, out = dict(zip(names, folders)), _OUT.value

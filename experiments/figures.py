@@ -10,7 +10,6 @@ Runs without an alignment yet are listed as missing, not plotted.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import matplotlib
@@ -21,6 +20,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments.ablations import SWEEPS  # noqa: E402
+from saejax import storage  # noqa: E402
+from saejax.analysis.figures import save_png_atomic  # noqa: E402
 
 _ROOT = flags.DEFINE_string('root', 'runs', 'The --root the sweeps ran under.')
 _OUT = flags.DEFINE_string('out', None, 'Output folder (default ROOT/figures).')
@@ -35,15 +36,13 @@ def collect(root: str) -> tuple[dict[str, list[dict]], list[str]]:
     rows = []
     for run in runs:
       workdir = run.workdir(root, sweep)
-      summary_path = os.path.join(workdir, 'alignment', 'summary.json')
-      if not os.path.exists(summary_path):
-        if os.path.exists(workdir):
+      summary_path = storage.join(workdir, 'alignment', 'summary.json')
+      if not storage.exists(summary_path):
+        if storage.exists(workdir):
           missing.append(workdir)
         continue
-      with open(os.path.join(workdir, 'config.json')) as f:
-        config = json.load(f)
-      with open(summary_path) as f:
-        pairs = json.load(f)['pairs']
+      config = storage.read_json(storage.join(workdir, 'config.json'))
+      pairs = storage.read_json(summary_path)['pairs']
       row = {'run': run.name, 'field': run.varied, 'value': config.get(run.varied), 'pairs': len(pairs)}
       for key in ('shared_fraction', 'shared_fraction_notebook', 'partner_agreement', 'mean_cos_enc',
                   'mean_cos_dec', 'mean_max_cos_enc', 'mean_max_cos_dec'):
@@ -75,9 +74,7 @@ def plot_fig4(results, path) -> str | None:
     ax.set_xlabel(results[sweep][0]['field'])
     ax.set_ylabel('fraction of shared latents')
   fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
-  return path
+  return save_png_atomic(fig, path)
 
 
 def plot_fig5(results, path) -> str | None:
@@ -96,9 +93,7 @@ def plot_fig5(results, path) -> str | None:
       _bars(ax, results[sweep])
     ax.set_ylabel('fraction of shared latents')
   fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
-  return path
+  return save_png_atomic(fig, path)
 
 
 def plot_figA3(results, path) -> str | None:
@@ -115,24 +110,21 @@ def plot_figA3(results, path) -> str | None:
     ax.set_ylabel('mean cosine similarity')
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
-  return path
+  return save_png_atomic(fig, path)
 
 
 def main(argv: list[str]) -> None:
   del argv
   root = _ROOT.value
-  out = _OUT.value or os.path.join(root, 'figures')
+  out = _OUT.value or storage.join(root, 'figures')
   results, missing = collect(root)
   if not results:
     print(f'error: no aligned sweep runs under {root!r}; run python -m experiments.sweep first', file=sys.stderr)
     sys.exit(2)
-  os.makedirs(out, exist_ok=True)
-  made = {name: fn(results, os.path.join(out, f'{name}.png'))
+  made = {name: fn(results, storage.join(out, f'{name}.png'))
           for name, fn in (('fig4', plot_fig4), ('fig5', plot_fig5), ('figA3', plot_figA3))}
-  with open(os.path.join(out, 'figures.json'), 'w') as f:
-    json.dump({'results': results, 'missing': missing, 'figures': {k: v for k, v in made.items() if v}}, f, indent=1)
+  storage.write_json(storage.join(out, 'figures.json'),
+                     {'results': results, 'missing': missing, 'figures': {k: v for k, v in made.items() if v}})
   print(json.dumps({'figures': [v for v in made.values() if v], 'missing_runs': missing}))
 
 

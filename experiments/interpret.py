@@ -12,7 +12,6 @@ Exit codes: 0 done, 1 some latents failed on server errors (rerun to retry them)
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -21,6 +20,7 @@ import urllib.parse
 import numpy as np
 from absl import app, flags, logging
 
+from saejax import storage
 from saejax.train import run_folder
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'An aligned LM training run folder.')
@@ -71,11 +71,11 @@ def choose_latents(run: str, seeds: list[str], spec: str, sample_seed: int, size
   if per_bin <= 0:
     raise ValueError(f"--latents must be a positive count per alignment bin or 'all', got {spec}")
   chosen = {}
-  partner, cos = analysis.pair_alignment(os.path.join(run, 'alignment'), seeds[0], seeds[1 % len(seeds)])
+  partner, cos = analysis.pair_alignment(storage.join(run, 'alignment'), seeds[0], seeds[1 % len(seeds)])
   first = analysis.sample_per_bin(cos, per_bin, sample_seed)
   chosen[seeds[0]] = first
   for seed in seeds[1:]:
-    partner, _ = analysis.pair_alignment(os.path.join(run, 'alignment'), seeds[0], seed)
+    partner, _ = analysis.pair_alignment(storage.join(run, 'alignment'), seeds[0], seed)
     chosen[seed] = np.unique(partner[first][partner[first] >= 0])
   return chosen
 
@@ -98,12 +98,9 @@ def interpret(run: str) -> None:
   from saejax.config import TrainConfig
   from saejax.interpret import analysis, contexts, pipeline
 
-  if not os.path.isfile(os.path.join(run, 'config.json')):
-    raise FileNotFoundError(f'{run} is not a training run folder (no config.json); pass --workdir=RUN')
-  if not os.path.isfile(os.path.join(run, 'alignment', 'universality.csv')):
+  config = TrainConfig.from_json(run_folder.read_config(run))
+  if not storage.isfile(storage.join(run, 'alignment', 'universality.csv')):
     raise FileNotFoundError(f'{run} is not aligned yet; run python -m experiments.align --workdir={run} first')
-  with open(os.path.join(run, 'config.json')) as f:
-    config = TrainConfig.from_json(json.load(f))
   if config.source != 'lm':
     raise ValueError(f'{run} was trained on source={config.source!r}; interpretation needs an LM run')
   hookpoint, sae_dirs = run_folder.exported_sae_dirs(run, _HOOKPOINT.value)
@@ -135,7 +132,7 @@ def interpret(run: str) -> None:
 
     client = ChatClient(_BASE_URL.value, _MODEL.value, api_key=_API_KEY.value, max_concurrency=_MAX_CONCURRENCY.value,
                         max_retries=_MAX_RETRIES.value, timeout_s=_TIMEOUT.value,
-                        cache_dir=_CACHE_DIR.value or os.path.join(run, 'interpret', 'cache'))
+                        cache_dir=_CACHE_DIR.value or storage.join(run, 'interpret', 'cache'))
     decode = contexts.TokenText(os.path.join(stored['model_path'], 'tokenizer.json'))
     for seed in seeds:
       counts = pipeline.score_latents(stored[seed], todo[seed], client, decode, scoring,
@@ -144,8 +141,8 @@ def interpret(run: str) -> None:
       logging.info('%s: %s', seed, counts)
       failed += counts['failed']
   tables = {seed: analysis.score_table(pipeline.read_scores(pipeline.scores_path(run, seed))) for seed in seeds}
-  report = analysis.write_report(run, seeds, tables, os.path.join(run, 'interpret'))
-  logging.info('report: %s (%s)', os.path.join(run, 'interpret', 'report.md'), report['by_count'])
+  report = analysis.write_report(run, seeds, tables, storage.join(run, 'interpret'))
+  logging.info('report: %s (%s)', storage.join(run, 'interpret', 'report.md'), report['by_count'])
   if failed:
     print(f'error: {failed} latents failed on server errors and were not scored; rerun to retry them',
           file=sys.stderr)
@@ -162,7 +159,7 @@ def _contexts(run, config, hookpoint, seeds, loaded, chosen, settings) -> dict:
   out, source = {}, None
   for seed in seeds:
     path = contexts.contexts_path(run, seed)
-    stored = contexts.load_contexts(path) if os.path.exists(path) else None
+    stored = contexts.load_contexts(path) if storage.exists(path) else None
     if stored is None or not contexts.matches(stored, chosen[seed], settings, hookpoint):
       if source is None:
         source = data.make_source(config, shd.batch_sharding(shd.make_mesh()))

@@ -12,7 +12,6 @@ tokens for a smoke test). Runs that already finished are skipped locally, since 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import sys
 from absl import app, flags
 
 from experiments.ablations import SWEEPS, sweep_runs
+from saejax import storage
 
 _SWEEP = flags.DEFINE_string('sweep', None, 'Which ablation (see SWEEPS).')
 _MODE = flags.DEFINE_enum('mode', 'print', ['print', 'local'], 'print the commands, or run them here.')
@@ -28,8 +28,8 @@ _SET = flags.DEFINE_multi_string('set', [], 'FIELD=VALUE override applied to eve
 
 
 def _done(workdir: str, aligned: bool) -> bool:
-  path = os.path.join(workdir, 'alignment' if aligned else '', 'summary.json')
-  return os.path.exists(path)
+  return storage.exists(storage.join(workdir, 'alignment', 'summary.json') if aligned
+                        else storage.join(workdir, 'summary.json'))
 
 
 def main(argv: list[str]) -> None:

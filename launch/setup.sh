@@ -14,7 +14,7 @@ On every worker (after launch/sync.sh has put the checkout in REMOTE_DIR):
   - creates the venv VENV with PYTHON (default python3.11; saejax needs Python >= 3.11). TPU VM images ship an
     older Python: when PYTHON is missing, the venv is made by uv (pip-installed for the user), which fetches
     Python PYTHON_VERSION (default 3.11);
-  - pip install -e REMOTE_DIR plus JAX_PIP (default jax[tpu]) and PIP_EXTRA (space-separated, optional);
+  - pip install -e REMOTE_DIR[gcs] (gs:// run folders) plus JAX_PIP (default jax[tpu]) and PIP_EXTRA (space-separated, optional);
   - prints the jax and saejax versions it got.
 Idempotent: rerun it after syncing a commit that changes pyproject.toml. launch/run.sh puts VENV/bin first on
 PATH, so `python` in a run command is the venv's.
@@ -47,7 +47,7 @@ script+='; if [ ! -d "$d"/.git ]; then echo "error: $host: no checkout at $d; ru
 script+="; if [ ! -x \"\$v\"/bin/python ]; then if command -v $python_q >/dev/null 2>&1 && $python_q -m venv \"\$v\"; then :; else rm -rf \"\$v\"; python3 -m pip install --user --quiet uv; \"\$HOME\"/.local/bin/uv venv --seed --python $version_q \"\$v\"; fi; fi"
 script+='; if ! "$v"/bin/python -c "import sys; sys.exit(sys.version_info < (3, 11))"; then echo "error: $host: $v has Python $("$v"/bin/python -V 2>&1); saejax needs >= 3.11 (remove $v, set PYTHON)" >&2; exit 1; fi'
 script+='; "$v"/bin/python -m pip install --quiet --upgrade pip'
-script+="; \"\$v\"/bin/python -m pip install --quiet -e \"\$d\" $packages"
+script+="; \"\$v\"/bin/python -m pip install --quiet -e \"\$d[gcs]\" $packages"
 script+='; echo "$host: $("$v"/bin/python -c "import jax, saejax; print(\"jax\", jax.__version__, \"saejax\", saejax.__file__)")"'
 
 ssh_workers all "$script"

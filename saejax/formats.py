@@ -1,7 +1,7 @@
 """On-disk SAE formats: saejax's parameter dict to and from the EleutherAI (sparsify) and SAELens 6.x layouts.
 
 This module owns the file names, tensor names, weight orientation and cfg.json fields of both layouts, the
-validation of everything read or written, and atomic folder writes. One folder holds one SAE.
+validation of everything read or written, and atomic folder writes (local or object storage). One folder holds one SAE.
 
 EleutherAI: `sae.safetensors` (`encoder.weight [F, D]`, `encoder.bias [F]`, `W_dec [F, D]`, `b_dec [D]`, plus
 saejax extras under their own names) and a sparsify `SparseCoderConfig` cfg.json with `d_in`, `arch`.
@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so bf16 sparsify checkpoints can be read)
 import numpy as np
 from safetensors import safe_open
+from safetensors.numpy import load as safetensors_load
 from safetensors.numpy import save_file
+
+from saejax import storage
 
 ARCHS = ('topk', 'batchtopk', 'relu', 'gated', 'jumprelu')
 ELEUTHER_WEIGHTS = 'sae.safetensors'
@@ -94,7 +94,7 @@ def _check_dims(arch: str, k: int, d_in: int, num_latents: int) -> None:
     raise ValueError(f'{arch} needs 1 <= k <= num_latents, got k={k} with num_latents={num_latents}')
 
 
-def save_eleuther(folder, params, *, arch: str, k: int, d_in: int, num_latents: int, extra_cfg=None) -> Path:
+def save_eleuther(folder, params, *, arch: str, k: int, d_in: int, num_latents: int, extra_cfg=None) -> str:
   """Writes `folder` in the EleutherAI sparsify layout, replacing any previous export there.
 
   sparsify's loader drops unknown cfg keys, so `arch` rides along. It loads only TopK: for other archs
@@ -109,11 +109,11 @@ def save_eleuther(folder, params, *, arch: str, k: int, d_in: int, num_latents: 
     'normalize_decoder': True, 'num_latents': num_latents, 'k': k, 'multi_topk': False,
     'skip_connection': False, 'transcode': False, 'd_in': d_in, 'arch': arch,
   }
-  return _write_atomic(Path(folder), ELEUTHER_WEIGHTS, tensors, _merge_extra(cfg, extra_cfg))
+  return _write_atomic(os.fspath(folder), ELEUTHER_WEIGHTS, tensors, _merge_extra(cfg, extra_cfg))
 
 
 def save_saelens(folder, params, *, arch: str, k: int, d_in: int, num_latents: int, hook_name: str = 'synthetic',
-                 extra_cfg=None) -> Path:
+                 extra_cfg=None) -> str:
   """Writes `folder` in the SAELens 6.x layout (`SAE.load_from_disk`), replacing any previous export there.
 
   `extra_cfg` goes into `metadata`, which SAELens keeps across its own load/save; `saejax_arch` and `saejax_k`
@@ -134,7 +134,7 @@ def save_saelens(folder, params, *, arch: str, k: int, d_in: int, num_latents: i
   }
   if arch == 'topk':
     cfg.update(k=k, rescale_acts_by_decoder_norm=False)
-  return _write_atomic(Path(folder), SAELENS_WEIGHTS, tensors, cfg)
+  return _write_atomic(os.fspath(folder), SAELENS_WEIGHTS, tensors, cfg)
 
 
 def _merge_extra(cfg: dict, extra_cfg: Mapping | None) -> dict:
@@ -144,40 +144,22 @@ def _merge_extra(cfg: dict, extra_cfg: Mapping | None) -> dict:
   return {**cfg, **(extra_cfg or {})}
 
 
-def _write_atomic(folder: Path, weights_name: str, tensors: dict[str, np.ndarray], cfg: dict) -> Path:
-  """Builds the export in a hidden sibling folder, then renames it into place, so readers never see half of it."""
-  if folder.exists() and not folder.is_dir():
+def _write_atomic(folder: str, weights_name: str, tensors: dict[str, np.ndarray], cfg: dict) -> str:
+  """Builds the export in a staging folder and publishes it whole (storage.staged_dir), cfg.json last."""
+  if storage.isfile(folder):
     raise ValueError(f'{folder} is a file; pass a folder path to export the SAE into')
-  folder.parent.mkdir(parents=True, exist_ok=True)
-  tag = uuid.uuid4().hex[:8]
-  tmp, old = folder.parent / f'.{folder.name}.tmp-{tag}', folder.parent / f'.{folder.name}.old-{tag}'
-  tmp.mkdir()  # plain mkdir (not mkdtemp) so the export gets the umask's permissions, not 0700
-  try:
-    save_file(tensors, str(tmp / weights_name))
-    (tmp / CFG).write_text(json.dumps(cfg, indent=2) + '\n')
-    for path in tmp.iterdir():
-      with open(path, 'rb') as f:
-        os.fsync(f.fileno())
-    if folder.exists():
-      os.replace(folder, old)
-      try:
-        os.replace(tmp, folder)
-      except BaseException:
-        os.replace(old, folder)
-        raise
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, folder)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return folder
+  with storage.staged_dir(folder, complete_marker=CFG) as staging:
+    save_file(tensors, os.path.join(staging, weights_name))
+    with open(os.path.join(staging, CFG), 'w') as f:
+      f.write(json.dumps(cfg, indent=2) + '\n')
+  return storage.absolute(folder)
 
 
-def _read_cfg(path: Path) -> dict:
-  if not path.is_file():
+def _read_cfg(path: str) -> dict:
+  if not storage.isfile(path):
     raise FileNotFoundError(f'{path} is missing; an SAE folder needs cfg.json next to its weights')
   try:
-    cfg = json.loads(path.read_text())
+    cfg = storage.read_json(path)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f'cannot parse {path}: {e}; re-export the SAE') from e
   if not isinstance(cfg, dict):  # a bad file, not a caller's type error, hence ValueError
@@ -185,15 +167,17 @@ def _read_cfg(path: Path) -> dict:
   return cfg
 
 
-def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+def _read_tensors(path: str) -> dict[str, np.ndarray]:
   try:
-    with safe_open(str(path), framework='np') as f:
+    if storage.is_remote(path):
+      return safetensors_load(storage.read_bytes(path))
+    with safe_open(path, framework='np') as f:
       return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
   except Exception as e:  # safetensors raises its own error types, or TypeError for dtypes numpy lacks
     raise ValueError(f'cannot read {path} ({type(e).__name__}: {e}); the file is corrupt, re-export the SAE') from e
 
 
-def _int_field(cfg: dict, key: str, path: Path) -> int:
+def _int_field(cfg: dict, key: str, path: str) -> int:
   if key not in cfg:
     raise ValueError(f'{path} has no {key!r} field; add it or re-export the SAE')
   return int(cfg[key])
@@ -205,16 +189,16 @@ def load_sae(folder) -> tuple[dict[str, np.ndarray], dict]:
   The cfg has `arch`, `k`, `d_in`, `num_latents`, `format` ('eleuther' or 'saelens') and `file_cfg`, the
   parsed cfg.json; cfg keys this reader does not need are ignored.
   """
-  folder = Path(folder)
-  if not folder.is_dir():
+  folder = os.fspath(folder)
+  if not storage.isdir(folder):
     raise FileNotFoundError(f'no SAE folder at {folder}; pass the folder written by save_eleuther or save_saelens')
-  found = [name for name in (ELEUTHER_WEIGHTS, SAELENS_WEIGHTS) if (folder / name).is_file()]
+  found = [name for name in (ELEUTHER_WEIGHTS, SAELENS_WEIGHTS) if storage.isfile(storage.join(folder, name))]
   if not found:
     raise FileNotFoundError(f'{folder} holds neither {ELEUTHER_WEIGHTS} (EleutherAI) nor {SAELENS_WEIGHTS} (SAELens)')
   if len(found) == 2:
     raise ValueError(f'{folder} holds both {ELEUTHER_WEIGHTS} and {SAELENS_WEIGHTS}; keep one SAE per folder')
   fmt = 'eleuther' if found[0] == ELEUTHER_WEIGHTS else 'saelens'
-  cfg_path, weights_path = folder / CFG, folder / found[0]
+  cfg_path, weights_path = storage.join(folder, CFG), storage.join(folder, found[0])
   file_cfg = _read_cfg(cfg_path)
   d_in = _int_field(file_cfg, 'd_in', cfg_path)
   if fmt == 'eleuther':

@@ -1,22 +1,20 @@
 """One alignment run end to end: load SAEs, match every pair, write summary.json, pair files, figures, report.
 
-Everything is written into a temporary sibling folder and renamed into place at the end, so a failed or
-interrupted run never leaves a half-written output folder (and never destroys an earlier complete one).
+Everything is written into a staging folder and published at the end (`storage.staged_dir`: a rename on disk,
+an upload with summary.json last on gs://), so a failed or interrupted run never leaves a half-written output
+folder, and on disk never destroys an earlier complete one.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from saejax import formats
+from saejax import formats, storage
 from saejax.analysis import figures, fits, report
 from saejax.analysis.seeds import SeedsResult, analyse_seeds
 
@@ -117,33 +115,15 @@ def run_alignment(
   saes, _ = load_saes(sae_dirs)
   result = analyse_seeds(saes, threshold=threshold, method=method, workers=workers)
   summary = _summary(result, method)
-  parent = os.path.dirname(os.path.abspath(out_dir)) or '.'
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=parent)
-  try:
-    os.makedirs(os.path.join(tmp, 'pairs'))
+  # summary.json marks a complete alignment: it is published last (sweeps wait for it).
+  with storage.staged_dir(out_dir, complete_marker='summary.json') as staging:
+    os.makedirs(os.path.join(staging, 'pairs'))
     for (a, b), pair in result.pairs.items():
-      pair.to_npz(os.path.join(tmp, 'pairs', f'{a}__{b}.npz'))
-    result.write_universality_csv(os.path.join(tmp, 'universality.csv'))
-    made = _figures(tmp, result, summary, firing)
+      pair.to_npz(os.path.join(staging, 'pairs', f'{a}__{b}.npz'))
+    result.write_universality_csv(os.path.join(staging, 'universality.csv'))
+    made = _figures(staging, result, summary, firing)
     summary['figures'] = {name: os.path.basename(path) for name, path in made.items()}
-    with open(os.path.join(tmp, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=1)
-    report.write_report(tmp, summary, summary['figures'])
-    _replace_dir(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    storage.write_json(os.path.join(staging, 'summary.json'), summary)
+    report.write_report(staging, summary, summary['figures'])
   logging.info('alignment written to %s', out_dir)
   return summary
-
-
-def _replace_dir(new: str, target: str) -> None:
-  """Swaps `new` into `target`; an earlier complete `target` is removed only after the swap succeeds."""
-  old = None
-  if os.path.exists(target):
-    old = f'{target}.old-{os.getpid()}'
-    os.replace(target, old)
-  os.replace(new, target)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)

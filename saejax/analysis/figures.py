@@ -2,14 +2,14 @@
 
 This module owns how the analysis results are drawn, and the atomic PNG write. It computes nothing the analysis
 modules (pairs.py, seeds.py) report, apart from what a plot needs (densities, histograms, curve evaluations).
-Every function saves one PNG to `path` (a temporary name in the same folder, then os.replace) and returns `path`.
+Every function saves one PNG to `path` atomically (through saejax.storage) and returns `path`.
 Inputs may hold NaNs (dropped) and may be degenerate (empty, one latent, all equal): the figure is still written.
 Headless: the Agg backend is selected at import.
 """
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -21,6 +21,8 @@ from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter  # noqa: E402
 from scipy.stats import gaussian_kde  # noqa: E402
+
+from saejax import storage  # noqa: E402
 
 AGREE_COLOR = '#1f77b4'  # blue: encoder and decoder partners agree (paper Fig. 1)
 DISAGREE_COLOR = '#ff7f0e'  # orange: they disagree
@@ -39,20 +41,13 @@ FIT_ALIASES = {'power_offset': 'power_law_offset', 'power': 'power_law', 'exp_of
 
 
 def save_png_atomic(fig, path) -> str:
-  """Saves `fig` as PNG to a temporary name beside `path`, then os.replace; closes the figure. Returns `path`."""
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}-{id(fig)}')
+  """Saves `fig` as PNG to `path` atomically (saejax.storage, so gs:// works too); closes it. Returns `path`."""
+  buffer = io.BytesIO()
   try:
-    with open(tmp, 'wb') as f:
-      fig.savefig(f, format='png', dpi=DPI, bbox_inches='tight')
-    os.replace(tmp, path)
+    fig.savefig(buffer, format='png', dpi=DPI, bbox_inches='tight')
   finally:
     plt.close(fig)
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  return storage.write_bytes(path, buffer.getvalue())
 
 
 def fig1_cosine_scatter(enc_cos, dec_cos, partners_agree, path, threshold: float = 0.7) -> str:

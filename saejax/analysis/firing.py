@@ -8,7 +8,6 @@ seeds in one jitted step per batch, and are stored in the run folder.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from saejax import sae as sae_lib
+from saejax import storage
 from saejax.sae import kernels
 
 FIRING_FILE = 'firing_counts.npz'
@@ -25,7 +25,7 @@ FIRING_FILE = 'firing_counts.npz'
 def _path(workdir: str, hookpoint: str | None) -> str:
   """`firing_counts.npz`, or `firing_counts.<hookpoint>.npz` for runs with several hookpoints."""
   name = FIRING_FILE if hookpoint is None else FIRING_FILE.replace('.npz', f'.{hookpoint}.npz')
-  return os.path.join(workdir, name)
+  return storage.join(workdir, name)
 
 
 def _count_fn(arch: sae_lib.Architecture, spec: sae_lib.SaeSpec):
@@ -84,15 +84,9 @@ def count_firing(
 def save_counts(workdir: str, counts_SxF: np.ndarray, tokens: int, seeds: list[str],
                 hookpoint: str | None = None) -> str:
   path = _path(workdir, hookpoint)
-  tmp = f'{path}.tmp{os.getpid()}.npz'
-  np.savez(tmp, counts=counts_SxF, tokens=np.int64(tokens), seeds=np.asarray(seeds))
-  os.replace(tmp, path)
-  return path
+  return storage.write_npz(path, {'counts': counts_SxF, 'tokens': np.int64(tokens), 'seeds': np.asarray(seeds)})
 
 
 def load_counts(workdir: str, hookpoint: str | None = None) -> dict[str, np.ndarray] | None:
   path = _path(workdir, hookpoint)
-  if not os.path.exists(path):
-    return None
-  with np.load(path) as data:
-    return {name: data[name] for name in data.files}
+  return storage.read_npz(path) if storage.exists(path) else None

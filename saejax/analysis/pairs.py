@@ -15,12 +15,13 @@ norm here, so the matched and the max cosines are cosines whatever the scale of 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from saejax import storage
 
 # Fig. A1's x axis: 0.00, 0.05, ..., 1.00.
 SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))
@@ -74,20 +75,7 @@ class PairResult:
     arrays['threshold'] = np.asarray(self.summary['threshold'], np.float64)
     arrays['n_a'] = np.asarray(self.summary['n_a'], np.int64)
     arrays['n_b'] = np.asarray(self.summary['n_b'], np.int64)
-    write_npz_atomic(path, arrays)
-
-
-def write_npz_atomic(path: str, arrays: Mapping[str, np.ndarray]) -> None:
-  """np.savez to a temporary name in the same folder, then os.replace (no half-written file on interruption)."""
-  path = os.fspath(path)
-  tmp = f'{path}.tmp{os.getpid()}-{id(arrays)}'
-  try:
-    with open(tmp, 'wb') as f:  # a file object, so numpy does not append '.npz' to the temporary name
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    storage.write_npz(path, arrays)
 
 
 def unit_rows(W_FxD) -> np.ndarray:

@@ -2,8 +2,8 @@
 
 This module owns `report.md`'s layout and number formatting (4 significant digits). It reads plain dicts (the
 pair summaries of pairs.py, the seed statistics of seeds.py, the Fig. 2 fits of fits.py) and the figure paths
-from figures.py; it computes nothing beyond a mean and a percentage. The file is written atomically (temporary
-name, os.replace).
+from figures.py; it computes nothing beyond a mean and a percentage. The file is written atomically
+(through saejax.storage, so the folder may be on gs://).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from saejax import storage
 from saejax.analysis.figures import fit_entries
 from saejax.analysis.pairs import SUMMARY_KEYS
 
@@ -64,7 +65,7 @@ def write_report(out_dir, summary: Mapping[str, Any], figures: Mapping[str, str]
   exists there or nowhere (a bare file name beside report.md), else as relative to the working directory.
   """
   out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   lines = [f'# {summary.get("title", "Seed dependence of SAE latents")}', '']
   lines += _pairs_section(summary.get('pairs') or [])
   if summary.get('seeds'):
@@ -75,16 +76,7 @@ def write_report(out_dir, summary: Mapping[str, Any], figures: Mapping[str, str]
       title, caption = figure_caption(name, fig_path)
       rel = _link(os.fspath(fig_path), out_dir)
       lines += [f'![{title}]({rel})', '', f'*{title}.* {caption}', '']
-  path = os.path.join(out_dir, 'report.md')
-  tmp = f'{path}.tmp{os.getpid()}-{id(lines)}'
-  try:
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.write('\n'.join(lines).rstrip() + '\n')
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  return storage.write_text(storage.join(out_dir, 'report.md'), '\n'.join(lines).rstrip() + '\n')
 
 
 def figure_caption(name: str, fig_path: str = '') -> tuple[str, str]:

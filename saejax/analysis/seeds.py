@@ -23,6 +23,7 @@ sum-over-subsets transform: O(F + S * 2^(S-1)) per base instead of O(F * 2^(S-1)
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from saejax import storage
 from saejax.analysis.pairs import PairResult, analyse_pair
 
 MAX_SEEDS = 63  # uint64 masks
@@ -238,14 +240,8 @@ def universality_fields(names: Sequence[str]) -> list[str]:
 
 def write_universality_csv(result: SeedsResult, path: str) -> None:
   """Writes the universality table as CSV atomically; a row's own-seed partner column is left empty."""
-  path = os.fspath(path)
-  tmp = f'{path}.tmp{os.getpid()}'
-  try:
-    with open(tmp, 'w', newline='') as f:
-      writer = csv.DictWriter(f, fieldnames=universality_fields(result.names), restval='')
-      writer.writeheader()
-      writer.writerows(iter_universality_rows(result))
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  text = io.StringIO(newline='')
+  writer = csv.DictWriter(text, fieldnames=universality_fields(result.names), restval='')
+  writer.writeheader()
+  writer.writerows(iter_universality_rows(result))
+  storage.write_text(path, text.getvalue())

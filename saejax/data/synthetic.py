@@ -13,7 +13,6 @@ without replaying the ones before it (exact resume), and the values do not depen
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from saejax import storage
 from saejax.data.base import ActivationSource
 
 GROUND_TRUTH_FILE = 'ground_truth.npz'
@@ -83,12 +83,11 @@ class SyntheticSource(ActivationSource):
     return float(self.firing_prob_F.sum())
 
   def save_artifacts(self, workdir: str) -> None:
-    path = os.path.join(workdir, GROUND_TRUTH_FILE)
-    if jax.process_index() != 0 or os.path.exists(path):
+    path = storage.join(workdir, GROUND_TRUTH_FILE)
+    if jax.process_index() != 0 or storage.exists(path):
       return
-    tmp = path + '.tmp.npz'
-    np.savez(tmp, features=self.features_FxD, firing_prob=self.firing_prob_F, offset=self.offset_D)
-    os.replace(tmp, path)
+    storage.write_npz(path, {'features': self.features_FxD, 'firing_prob': self.firing_prob_F,
+                             'offset': self.offset_D})
 
   def final_report(self, params_S, spec, held_out_position: int, hookpoint: str | None = None) -> dict[str, Any]:
     del spec, held_out_position, hookpoint

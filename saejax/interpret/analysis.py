@@ -15,12 +15,13 @@ Figures are PNG (Agg, written atomically); `report.md` is written to a temporary
 from __future__ import annotations
 
 import csv
-import os
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from saejax import storage
 from saejax.analysis.figures import save_png_atomic
 
 ALIGNMENT_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -35,15 +36,15 @@ def alignment_bin(cos: np.ndarray, edges: Sequence[float] = ALIGNMENT_EDGES) -> 
 def pair_alignment(alignment_dir: str, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
   """For every latent of seed `a`: its encoder-matched partner in `b` and the mean of its enc/dec cosines."""
   for first, second in ((a, b), (b, a)):
-    path = os.path.join(alignment_dir, 'pairs', f'{first}__{second}.npz')
-    if os.path.exists(path):
+    path = storage.join(alignment_dir, 'pairs', f'{first}__{second}.npz')
+    if storage.exists(path):
       break
   else:
     raise FileNotFoundError(f'no pair file for {a} and {b} in {alignment_dir}/pairs; run experiments.align first')
-  with np.load(path) as pair:
-    partner, cos = pair['enc_partner'].astype(np.int64), (pair['enc_cos'] + pair['dec_cos']) / 2
-    side_a = second if bool(pair['swapped']) else first  # the side the arrays are indexed by
-    n_b = int(pair['n_b'])
+  pair = storage.read_npz(path)
+  partner, cos = pair['enc_partner'].astype(np.int64), (pair['enc_cos'] + pair['dec_cos']) / 2
+  side_a = second if bool(pair['swapped']) else first  # the side the arrays are indexed by
+  n_b = int(pair['n_b'])
   if side_a == a:
     return partner, cos.astype(np.float64)
   partner_a, cos_a = np.full(n_b, -1, np.int64), np.full(n_b, np.nan)
@@ -64,9 +65,8 @@ def sample_per_bin(cos: np.ndarray, per_bin: int, seed: int = 0) -> np.ndarray:
 def read_universality(path: str) -> dict[str, dict[int, int]]:
   """seed -> latent -> number of SAEs it is found in (itself included)."""
   found: dict[str, dict[int, int]] = {}
-  with open(path, newline='') as f:
-    for row in csv.DictReader(f):
-      found.setdefault(row['seed'], {})[int(row['latent'])] = int(row['n_shared']) + 1
+  for row in csv.DictReader(io.StringIO(storage.read_text(path), newline='')):
+    found.setdefault(row['seed'], {})[int(row['latent'])] = int(row['n_shared']) + 1
   return found
 
 
@@ -157,8 +157,8 @@ def _stats(values: Sequence[float]) -> str:
 
 def write_report(run: str, seeds: Sequence[str], tables: Mapping[str, Mapping[int, dict]], out: str) -> dict[str, Any]:
   """Fig. 6, Table 1 and report.md under `out` from the scores tables ({seed: {latent: record}})."""
-  alignment = os.path.join(run, 'alignment')
-  found = read_universality(os.path.join(alignment, 'universality.csv'))
+  alignment = storage.join(run, 'alignment')
+  found = read_universality(storage.join(alignment, 'universality.csv'))
   by_count: dict[int, list[float]] = {}
   lines = ['# Are orphan latents interpretable? (paper section 5)', '']
   for seed in seeds:
@@ -170,15 +170,15 @@ def write_report(run: str, seeds: Sequence[str], tables: Mapping[str, Mapping[in
         by_count.setdefault(count, []).append(float(record['score']))
   lines += ['', '## Scores by the number of SAEs a latent is found in', '', '| SAEs | scores |', '|---|---|']
   lines += [f'| {count} | {_stats(by_count[count])} |' for count in sorted(by_count)]
-  made = {'fig6_left': os.path.basename(fig6_left(by_count, os.path.join(out, 'fig6_left_scores_by_sharing.png')))}
+  made = {'fig6_left': storage.basename(fig6_left(by_count, storage.join(out, 'fig6_left_scores_by_sharing.png')))}
   picked = []
   if len(seeds) >= 2:
     a, b = seeds[0], seeds[1]
     partner, cos = pair_alignment(alignment, a, b)
     rows = matched_pairs(partner, cos, tables.get(a, {}), tables.get(b, {}))
-    made['fig6_right'] = os.path.basename(fig6_right(
+    made['fig6_right'] = storage.basename(fig6_right(
       np.array([r[3]['score'] for r in rows]), np.array([r[4]['score'] for r in rows]), np.array([r[2] for r in rows]),
-      (a, b), os.path.join(out, 'fig6_right_matched_scores.png')))
+      (a, b), storage.join(out, 'fig6_right_matched_scores.png')))
     picked = table1(rows, (a, b))
     lines += ['', f'## Table 1: example pairs {a} / {b} per alignment bin', '',
               f'| alignment | {a} | {b} |', '|---|---|---|']
@@ -186,16 +186,5 @@ def write_report(run: str, seeds: Sequence[str], tables: Mapping[str, Mapping[in
     lines += ['', f'{len(rows)} matched pairs scored on both sides.']
   lines += ['', '## Figures', '']
   lines += [f'![{name}]({file})' for name, file in made.items()]
-  _write_text(os.path.join(out, 'report.md'), '\n'.join(lines) + '\n')
+  storage.write_text(storage.join(out, 'report.md'), '\n'.join(lines) + '\n')
   return {'figures': made, 'table1': picked, 'by_count': {str(k): len(v) for k, v in by_count.items()}}
-
-
-def _write_text(path: str, text: str) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  try:
-    with open(tmp, 'w') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)

@@ -10,8 +10,8 @@ failures, bounding concurrency, and caching answers on disk so an interrupted sc
 - The API key (argument, else `OPENAI_API_KEY`, else `SAEJAX_API_KEY`) is sent only as `Authorization: Bearer`;
   it is redacted from every message this module builds (errors, logs, reprs) and never written to the cache.
 - The cache (`cache_dir`) holds one JSON file per request, named by `cache_key(model, messages, params)`: the
-  sha256 of those three only, so a different server or key reuses it. Writes are atomic (temp file +
-  `os.replace`); an unreadable or inconsistent file is ignored and rewritten.
+  sha256 of those three only, so a different server or key reuses it. Writes are atomic (saejax.storage,
+  so the cache may sit in a gs:// run); an unreadable or inconsistent file is ignored and rewritten.
 - `complete_many` runs requests on a thread pool and returns results in input order, a failed item as its
   `ChatError`, so one bad request never loses the others.
 """
@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import threading
 import time
 import urllib.error
@@ -35,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from saejax import storage
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class ChatClient:
     handlers = [urllib.request.ProxyHandler({})] if _is_loopback(self.url) else []
     self._opener = urllib.request.build_opener(*handlers)
     if cache_dir:
-      os.makedirs(cache_dir, exist_ok=True)
+      storage.makedirs(cache_dir)
 
   def __repr__(self) -> str:
     key = "'***'" if self._api_key else 'None'
@@ -154,15 +155,14 @@ class ChatClient:
   # --- cache ---
 
   def _cache_path(self, key: str) -> str:
-    return os.path.join(self.cache_dir, key[:2], key + '.json')
+    return storage.join(self.cache_dir, key[:2], key + '.json')
 
   def _cache_get(self, key: str) -> str | None:
     if not self.cache_dir:
       return None
     path = self._cache_path(key)
     try:
-      with open(path, encoding='utf-8') as f:
-        entry = json.load(f)
+      entry = storage.read_json(path)
       if cache_key(entry['model'], entry['messages'], entry['params']) == key and isinstance(entry['content'], str):
         return entry['content']
     except FileNotFoundError:
@@ -177,18 +177,10 @@ class ChatClient:
       return
     path = self._cache_path(key)
     entry = {'model': model, 'messages': messages, 'params': params, 'content': content}
-    tmp = None
     try:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with tempfile.NamedTemporaryFile('w', encoding='utf-8', dir=os.path.dirname(path), prefix='.', suffix='.tmp',
-                                       delete=False) as f:
-        tmp = f.name
-        json.dump(entry, f, ensure_ascii=False)
-      os.replace(tmp, path)
+      storage.write_json(path, entry, ensure_ascii=False)
     except OSError as e:
       logger.warning('could not write chat cache entry %s: %s', path, _one_line(self._redact(str(e))))
-      if tmp and os.path.exists(tmp):
-        os.unlink(tmp)
 
   # --- HTTP ---
 

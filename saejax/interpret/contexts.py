@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from saejax import sae as sae_lib
+from saejax import storage
 
 SETS = ('top', 'act', 'non')
 MAX_CHUNK_ELEMENTS = 1 << 27  # token x latent activations encoded at once (512 MiB of float32)
@@ -207,24 +207,14 @@ def collect_contexts(
 
 
 def save_contexts(path: str, contexts: Contexts) -> str:
-  """Writes an `.npz` atomically (temporary name in the same folder, then os.replace)."""
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  try:
-    with open(tmp, 'wb') as f:
-      np.savez(f, latents=contexts.latents, meta=np.asarray(json.dumps(contexts.meta)), **contexts.arrays)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  """Writes an `.npz` atomically (through saejax.storage, so the run may be on gs://)."""
+  return storage.write_npz(path, {'latents': contexts.latents, 'meta': np.asarray(json.dumps(contexts.meta)),
+                                  **contexts.arrays})
 
 
 def load_contexts(path: str) -> Contexts:
-  with np.load(path) as data:
-    arrays = {name: data[name] for name in data.files if name not in ('latents', 'meta')}
-    return Contexts(data['latents'], arrays, json.loads(str(data['meta'])))
+  arrays = storage.read_npz(path)
+  return Contexts(arrays.pop('latents'), arrays, json.loads(str(arrays.pop('meta'))))
 
 
 def matches(contexts: Contexts, latents: Sequence[int], settings: ContextSettings, hookpoint: str) -> bool:
@@ -235,7 +225,7 @@ def matches(contexts: Contexts, latents: Sequence[int], settings: ContextSetting
 
 
 def contexts_path(run: str, seed: str) -> str:
-  return os.path.join(run, 'interpret', f'contexts_{seed}.npz')
+  return storage.join(run, 'interpret', f'contexts_{seed}.npz')
 
 
 class TokenText:

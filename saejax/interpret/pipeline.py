@@ -18,12 +18,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from saejax import storage
 from saejax.interpret import prompts
 from saejax.interpret.contexts import Contexts
 
@@ -52,22 +52,21 @@ class SettingsMismatchError(ValueError):
 
 
 def scores_path(run: str, seed: str) -> str:
-  return os.path.join(run, 'interpret', f'scores_{seed}.jsonl')
+  return storage.join(run, 'interpret', f'scores_{seed}.jsonl')
 
 
 def read_scores(path: str) -> list[dict[str, Any]]:
   """Every complete line of a scores file (a line cut short by a kill is ignored)."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return []
   records = []
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except ValueError:
-        continue
-      if isinstance(record, dict) and 'latent' in record:
-        records.append(record)
+  for line in storage.read_text(path).splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and 'latent' in record:
+      records.append(record)
   return records
 
 
@@ -81,21 +80,7 @@ def finished_latents(path: str, settings_id: str) -> set[int]:
 
 
 def _append(path: str, records: Sequence[dict[str, Any]]) -> None:
-  if not records:
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  # A kill mid-write may leave a partial last line; start on a fresh line so it never swallows ours.
-  needs_newline = os.path.exists(path) and os.path.getsize(path) > 0 and not _ends_with_newline(path)
-  with open(path, 'a') as f:
-    f.write(('\n' if needs_newline else '') + ''.join(json.dumps(r) + '\n' for r in records))
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _ends_with_newline(path: str) -> bool:
-  with open(path, 'rb') as f:
-    f.seek(-1, os.SEEK_END)
-    return f.read(1) == b'\n'
+  storage.append_lines(path, [json.dumps(r) for r in records])
 
 
 def _texts(contexts: Contexts, index: int, which: str, decode: Callable, marks: bool) -> list[str]:

@@ -6,11 +6,12 @@ falls back to a fresh start over it, so nothing a user had is overwritten.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from saejax import storage
 
 
 class CheckpointError(RuntimeError):
@@ -21,7 +22,8 @@ class Checkpointer:
   """`DIR/checkpoints/<step>/{state,data}` through one Orbax CheckpointManager."""
 
   def __init__(self, workdir: str, keep: int = 2):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    # Orbax writes gs:// itself (TensorStore for arrays), so a pod's hosts can share a bucket.
+    self.directory = storage.join(storage.absolute(workdir), 'checkpoints')
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, save_interval_steps=1)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -43,7 +45,7 @@ class Checkpointer:
     """Restores onto the shardings in `abstract_state` (a tree of ShapeDtypeStructs), so a checkpoint
     written on one mesh restores onto another."""
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-    where = os.path.join(self.directory, str(step))
+    where = storage.join(self.directory, str(step))
     try:
       restored = self._manager.restore(step, args=args)
     except Exception as error:  # noqa: BLE001 - Orbax raises many types; all mean the same to the user

@@ -7,17 +7,17 @@
     DIR/saelens/<hookpoint>/seed<N>/             SAELens layout: sae_weights.safetensors + cfg.json
     DIR/summary.json                             final per-seed metrics (+ recovery for synthetic data)
 
-Every file is written to a temporary name and renamed into place, so an interrupted run never leaves a
-half-written file behind.
+DIR may be local or on object storage (gs://bucket/run); every file is written atomically through
+`saejax.storage`, so an interrupted run never leaves a half-written file behind.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Any
 
+from saejax import storage
 from saejax.config import TrainConfig
 
 CONFIG = 'config.json'
@@ -29,22 +29,14 @@ RESUMABLE_FIELDS = frozenset(
 )
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(data, f, indent=1)
-    f.write('\n')
-  os.replace(tmp, path)
-
-
 def sae_dir(workdir: str, hookpoint: str, seed: int, layout: str = 'saes') -> str:
-  return os.path.join(workdir, layout, hookpoint, f'seed{seed}')
+  return storage.join(workdir, layout, hookpoint, f'seed{seed}')
 
 
 def exported_sae_dirs(workdir: str, hookpoint: str | None = None) -> tuple[str, dict[str, str]]:
   """The hookpoint (the only one unless named) and its exported seed folders {'seed0': path}, in seed order."""
-  root = os.path.join(workdir, 'saes')
-  hookpoints = sorted(os.listdir(root)) if os.path.isdir(root) else []
+  root = storage.join(workdir, 'saes')
+  hookpoints = storage.listdir(root)
   if not hookpoints:
     raise FileNotFoundError(f'{root} holds no exported SAEs; train first (python -m experiments.train ...)')
   if hookpoint is None:
@@ -53,9 +45,20 @@ def exported_sae_dirs(workdir: str, hookpoint: str | None = None) -> tuple[str, 
     hookpoint = hookpoints[0]
   if hookpoint not in hookpoints:
     raise ValueError(f'{workdir} has no SAEs at hookpoint {hookpoint!r}; choose one of {hookpoints}')
-  folder = os.path.join(root, hookpoint)
-  seeds = [name for name in os.listdir(folder) if re.fullmatch(r'seed\d+', name)]
-  return hookpoint, {name: os.path.join(folder, name) for name in sorted(seeds, key=lambda n: int(n[4:]))}
+  folder = storage.join(root, hookpoint)
+  seeds = [name for name in storage.listdir(folder) if re.fullmatch(r'seed\d+', name)]
+  return hookpoint, {name: storage.join(folder, name) for name in sorted(seeds, key=lambda n: int(n[4:]))}
+
+
+def read_config(workdir: str) -> dict[str, Any]:
+  """The run's config.json as a dict; a missing or unreadable file is an error that says what to do."""
+  path = storage.join(workdir, CONFIG)
+  if not storage.isfile(path):
+    raise FileNotFoundError(f'{workdir} is not a training run folder (no config.json); pass --workdir=RUN')
+  try:
+    return storage.read_json(path)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise ValueError(f'{path} is unreadable ({error}); restore it or use a new --workdir') from error
 
 
 def prepare(workdir: str, config: TrainConfig, write: bool = True) -> None:
@@ -63,15 +66,12 @@ def prepare(workdir: str, config: TrainConfig, write: bool = True) -> None:
 
   Every process of a multi-host run checks; only the one with `write` (process 0) creates and writes.
   """
+  storage.check_reachable(workdir)
   if write:
-    os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG)
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-      raise ValueError(f'{path} is unreadable ({error}); restore it or use a new --workdir') from error
+    storage.makedirs(workdir)
+  path = storage.join(workdir, CONFIG)
+  if storage.exists(path):
+    saved = read_config(workdir)
     differences = [
       f'{name}: {saved.get(name)!r} -> {value!r}'
       for name, value in json.loads(json.dumps(config.to_json())).items()
@@ -83,39 +83,33 @@ def prepare(workdir: str, config: TrainConfig, write: bool = True) -> None:
         f'rerun with its original flags to resume, or use a new --workdir'
       )
   if write:
-    write_json_atomic(path, config.to_json())
+    storage.write_json(path, config.to_json())
 
 
 class MetricsLog:
   """Appends JSON lines to DIR/metrics.jsonl; on resume drops lines past the restored step."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, METRICS)
+    self.path = storage.join(workdir, METRICS)
 
   def truncate_after(self, step: int) -> None:
     """Keeps lines with step <= `step`, so a resumed run's log reads like an uninterrupted one."""
-    if not os.path.exists(self.path):
+    if not storage.exists(self.path):
       return
     kept = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # a line cut by a kill mid-write
-        if record.get('step', 0) <= step:
-          kept.append(line if line.endswith('\n') else line + '\n')
-    tmp = f'{self.path}.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    for line in storage.read_text(self.path).splitlines():
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line cut by a kill mid-write
+      if record.get('step', 0) <= step:
+        kept.append(line + '\n')
+    storage.write_text(self.path, ''.join(kept))
 
   def append(self, record: dict[str, Any]) -> None:
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    storage.append_lines(self.path, [json.dumps(record)])
 
   def read(self) -> list[dict[str, Any]]:
-    if not os.path.exists(self.path):
+    if not storage.exists(self.path):
       return []
-    with open(self.path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(self.path).splitlines() if line.strip()]

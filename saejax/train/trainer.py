@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from saejax import data, formats
+from saejax import data, formats, storage
 from saejax import sae as sae_lib
 from saejax import sharding as shd
 from saejax.config import TrainConfig
@@ -231,7 +231,7 @@ class Trainer:
     else:
       summary['hookpoints'] = per_hookpoint
     if jax.process_index() == 0:
-      run_folder.write_json_atomic(f'{self.workdir}/{run_folder.SUMMARY}', summary)
+      storage.write_json(storage.join(self.workdir, run_folder.SUMMARY), summary)
     return summary
 
   def _export(self, hookpoint: str, params: dict[str, np.ndarray]) -> None:
