@@ -45,15 +45,22 @@ def loss(params: base.Params, x_BxD: jax.Array, dead_F: jax.Array, spec: base.Sa
 
 
 def _auxk_loss(params, x_BxD, x_hat_BxD, dead_F, spec):
-  """Dead latents reconstruct the detached residual; scaled by min(n_dead / k_aux, 1) as in sparsify."""
+  """Dead latents reconstruct the detached residual; scaled by min(n_dead / k_aux, 1) as in sparsify.
+
+  The squared error is divided by the total variance of the INPUT batch (sparsify's `total_variance`), the same
+  denominator as the main FVU. Dividing by the residual's own variance instead inflates the term by about
+  1 / FVU, so the AuxK weight would grow as reconstruction improves.
+  """
   k_aux = min(spec.d_in // 2, spec.num_latents)
+  # Live latents get -inf: with fewer than k_aux dead latents the spare slots hold zero activations, which
+  # is sparsify's min(k_aux, n_dead) without a data-dependent shape.
   mask_bias_F = jnp.where(dead_F, 0.0, -jnp.inf)
   residual_BxD = lax.stop_gradient(x_BxD - x_hat_BxD)
   # The kernel subtracts b_dec before encoding but adds no b_dec to its output: b_dec is not added twice.
   aux_recon_BxD, _, _ = _autoencode(params, x_BxD, k_aux, spec, mask_bias_F)
   num_dead = jnp.sum(dead_F)
   scale = jnp.minimum(num_dead / k_aux, 1.0)
-  value = base.fvu(aux_recon_BxD, residual_BxD)
+  value = jnp.sum(jnp.square(aux_recon_BxD - residual_BxD)) / base.total_variance(x_BxD)
   return jnp.where(num_dead > 0, scale * value, 0.0)
 
 
