@@ -25,11 +25,16 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import fsspec
 import numpy as np
 from etils import epath
 
 # The schemes epath routes to fsspec; each needs its fsspec backend package installed.
 _BACKEND_PACKAGES = {'gs': ('gcsfs', 'gcs'), 's3': ('s3fs', 's3'), 'az': ('adlfs', 'az')}
+# Other processes change a run folder (the other hosts, a resumed run, a sweep polling for summary.json), and a
+# cached listing would hide their files from this one, so fsspec must ask the store every time.
+for _scheme in _BACKEND_PACKAGES:
+  fsspec.config.conf.setdefault(_scheme, {}).setdefault('use_listings_cache', False)
 
 
 def scheme(path: str | os.PathLike) -> str | None:

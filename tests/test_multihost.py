@@ -1,6 +1,7 @@
 """Multi-host training on one machine: `experiments.train` as 2 processes x 4 CPU devices (jax.distributed, gloo
 collectives, a coordinator on 127.0.0.1) must export the same SAEs as 1 process x 8 devices on the same 4x2 mesh,
-with one set of run files written by process 0; a SIGTERM to one host must stop every host at the same step.
+with one set of run files written by process 0; a SIGTERM to one host must stop every host at the same step, with
+the run folder on gs:// (an in-memory GCS server on 127.0.0.1, as on a pod) and resume from there.
 
 Every process gets a deadline: a hung collective fails the test and kills all processes instead of hanging CI.
 The start-up rules of `saejax.distributed` (no-op, explicit, detected cluster) are checked in-process, without
@@ -14,13 +15,15 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from saejax import distributed
+from saejax import distributed, storage
+from tests.gcs_emulator import gcs_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1, 2)
@@ -124,13 +127,13 @@ def run_files(workdir) -> set[str]:
 
 
 def checkpoint_steps(workdir) -> list[int]:
-  return sorted(int(name) for name in os.listdir(workdir / 'checkpoints') if name.isdigit())
+  return sorted(int(name) for name in storage.listdir(storage.join(workdir, 'checkpoints')) if name.isdigit())
 
 
 def read_metrics(workdir) -> list[dict]:
   """Complete lines only: process 0 may be appending while a test polls."""
-  path = workdir / 'metrics.jsonl'
-  lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+  path = storage.join(workdir, 'metrics.jsonl')
+  lines = storage.read_text(path).splitlines(keepends=True) if storage.exists(path) else []
   return [json.loads(line) for line in lines if line.endswith('\n') and line.strip()]
 
 
@@ -234,9 +237,16 @@ def start_pair(processes: Processes, args: list[str], workdir, run: str) -> list
   return [processes.start(f'{run}{i}', [*args, *multihost_args(workdir, port, i)], devices=4) for i in (0, 1)]
 
 
+@pytest.fixture
+def gcs_workdir():
+  """A fresh run folder in an emulated bucket; the server's address reaches the hosts through the environment."""
+  with gcs_emulator('multihost') as _:
+    yield f'gs://multihost/{uuid.uuid4().hex[:8]}/run'
+
+
 @pytest.mark.slow
-def test_sigterm_to_one_host_stops_both_at_the_same_step_and_resumes(tmp_path, processes):
-  workdir = tmp_path / 'multi'
+def test_sigterm_to_one_host_stops_both_at_the_same_step_and_resumes(gcs_workdir, processes):
+  workdir = gcs_workdir
   tokens = f'--config.num_tokens={BATCH * 100_000}'  # far more than the test runs: each run ends by SIGTERM
   args = [*TINY, tokens, '--config.checkpoint_every=100000']
 
@@ -247,7 +257,7 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step_and_resumes(tmp_path, p
   assert codes == {'first0': 0, 'first1': 0}, {n: processes.log(n)[-3000:] for n in codes}
   (stopped,) = checkpoint_steps(workdir)
   assert f'stopped by SIGTERM at step {stopped}' in processes.log('first0')
-  assert not (workdir / 'summary.json').exists()
+  assert not storage.exists(storage.join(workdir, 'summary.json'))
 
   # The same command resumes on both hosts from that checkpoint; this time process 0 gets the SIGTERM.
   hosts = start_pair(processes, args, workdir, 'second')

@@ -96,6 +96,18 @@ def test_sae_export_round_trips(folder):
       np.testing.assert_array_equal(loaded[name], value.astype(np.float32))
 
 
+def test_listings_see_files_other_processes_wrote(gcs_env):
+  """Another host's writes must show up at once: no fsspec listing cache may hide them."""
+  import gcsfs
+
+  folder = f'{BUCKET}/{uuid.uuid4().hex[:8]}'
+  storage.write_text(f'gs://{folder}/a.txt', 'a')
+  assert storage.listdir(f'gs://{folder}') == ['a.txt'] and not storage.exists(f'gs://{folder}/b.txt')
+  other_host = gcsfs.GCSFileSystem(skip_instance_cache=True)
+  other_host.pipe(f'{folder}/b.txt', b'b')
+  assert storage.listdir(f'gs://{folder}') == ['a.txt', 'b.txt'] and storage.exists(f'gs://{folder}/b.txt')
+
+
 def test_unusable_storage_is_one_clear_error(monkeypatch):
   with pytest.raises(ValueError, match=r'unsupported storage scheme ftp://'):
     storage.exists('ftp://host/run')
