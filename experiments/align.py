@@ -85,7 +85,7 @@ def main(argv: list[str]) -> None:
       sae_dirs, out = dict(zip(names, folders)), _OUT.value
     alignment_run.run_alignment(sae_dirs, out, threshold=_THRESHOLD.value, method=_METHOD.value,
                                 workers=_WORKERS.value, firing=firing_counts)
-  except (ValueError, FileNotFoundError) as error:
+  except (ValueError, OSError) as error:
     fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
   logging.info('done: %s', out)
 

@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
   run = _WORKDIR.value
   try:
     interpret(run)
-  except (ValueError, FileNotFoundError, ConnectionError) as error:
+  except (ValueError, OSError) as error:  # OSError: unreadable files, unreachable server or bucket
     fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 

@@ -76,7 +76,7 @@ def main(argv: list[str]) -> None:
   try:
     config.validate()
     result = trainer.train(config, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, checkpoint.CheckpointError, data.SourceUnavailableError) as error:
+  except (ValueError, OSError, checkpoint.CheckpointError, data.SourceUnavailableError) as error:
     fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
   except trainer.NonFiniteError as error:
     fail(str(error), EXIT_FAILED)

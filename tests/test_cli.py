@@ -132,6 +132,16 @@ def test_lm_preset_offline_without_weights_names_what_is_missing(tmp_path):
   assert not workdir.exists(), 'a run that cannot start must not create its folder'
 
 
+@pytest.mark.parametrize('where', ['under-a-file', 'unknown-scheme'])
+def test_unusable_workdir_exits_2_with_one_line(tmp_path, where):
+  (tmp_path / 'file').write_text('not a folder')
+  workdir = {'under-a-file': tmp_path / 'file' / 'run', 'unknown-scheme': 'ftp://host/run'}[where]
+  result = run_tiny(workdir, steps=2)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert str(workdir) in error_line(result) and ('--workdir' in error_line(result) or 'gs://' in error_line(result))
+  assert (tmp_path / 'file').read_text() == 'not a folder'
+
+
 # --- a complete run ------------------------------------------------------------------------------------------------
 
 
