@@ -10,7 +10,6 @@ adjusted to make a claim pass; a claim that does not hold here is reported as no
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from saejax import storage
 from saejax.analysis import claims
 from saejax.config import TrainConfig
 
@@ -65,7 +65,7 @@ def run_claims(quick: bool, folder: str) -> list[claims.Claim]:
     claims._trend('larger k -> less sharing', 'k', [4, 8, 16] if not quick else [2, 4, 8], base, -1),
     claims._trend('longer training -> more sharing', 'num_tokens',
                   [base.num_tokens // 4, base.num_tokens, base.num_tokens * 4], base, +1),
-    claims.l1_vs_topk(base, (0.3, 1.0, 3.0)),
+    claims.l1_vs_topk(base),
   ]
   frequency, curve, recovery, _ = claims.seeds_and_frequency(base, num_seeds=6, firing_tokens=base.batch_size * 50)
   results += [frequency, curve, recovery]
@@ -78,17 +78,14 @@ def run_claims(quick: bool, folder: str) -> list[claims.Claim]:
 
 
 def write_report(out: str, results: list[claims.Claim], seconds: float, quick: bool) -> None:
-  os.makedirs(out, exist_ok=True)
   lines = [
     '# Reproduction of the paper\'s qualitative claims', '',
     f'{"Quick" if quick else "Full"} suite, {seconds:.0f} s. Synthetic ground truth unless marked [random LM].', '',
     '| claim | measured | holds |', '|---|---|---|',
     *[f'| {c.claim} | {c.measured} | {VERDICTS[c.holds]} |' for c in results],
   ]
-  with open(os.path.join(out, 'report.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  with open(os.path.join(out, 'claims.json'), 'w') as f:
-    json.dump([dataclasses.asdict(c) for c in results], f, indent=1, default=float)
+  storage.write_text(storage.join(out, 'report.md'), '\n'.join(lines) + '\n')
+  storage.write_json(storage.join(out, 'claims.json'), [dataclasses.asdict(c) for c in results], default=float)
 
 
 def main(argv: list[str]) -> None:
