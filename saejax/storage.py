@@ -181,14 +181,6 @@ def append_lines(path: str | os.PathLike, lines: Sequence[str]) -> None:
     os.fsync(f.fileno())
 
 
-def remove_tree(path: str | os.PathLike) -> None:
-  if is_remote(path):
-    if exists(path):
-      _epath(path).rmtree()
-  else:
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def staged_dir(target: str | os.PathLike, complete_marker: str | None = None) -> Iterator[str]:
   """Yields a local folder to fill; on success publishes it as `target`, replacing what was there.
