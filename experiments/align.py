@@ -5,12 +5,15 @@
 
 Flags: --out (default RUN/alignment), --threshold 0.7, --method auto|dense|sparse, --hookpoint (when a run
 has several), --firing_tokens N (firing frequencies for Fig. 3, from the run's own activation source).
+A synthetic run's ground truth (RUN/ground_truth.npz) adds each seed's recovery of the true features, split into
+shared and orphan latents.
 Exit codes: 0 done, 2 bad input (one line on stderr; nothing is left half-written).
 """
 
 from __future__ import annotations
 
 import sys
+import zipfile
 
 import numpy as np
 from absl import app, flags, logging
@@ -56,6 +59,19 @@ def run_firing(workdir: str, hookpoint: str, sae_dirs: dict[str, str], num_token
   return firing.load_counts(workdir, file_key)
 
 
+def read_true_features(workdir: str) -> np.ndarray | None:
+  """The true dictionary of a synthetic run, or None for a run without one (a language model's)."""
+  from saejax.data.synthetic import GROUND_TRUTH_FILE
+
+  path = storage.join(workdir, GROUND_TRUTH_FILE)
+  if not storage.exists(path):
+    return None
+  try:
+    return storage.read_npz(path)['features']
+  except (KeyError, ValueError, OSError, zipfile.BadZipFile) as error:
+    raise ValueError(f'{path} is unreadable ({error}); delete it to align without ground-truth recovery') from None
+
+
 def main(argv: list[str]) -> None:
   # `--saes A B C`: absl takes A as the flag value and leaves B, C as positional arguments.
   extra = argv[1:]
@@ -66,10 +82,11 @@ def main(argv: list[str]) -> None:
   from saejax.analysis import alignment_run
 
   try:
-    firing_counts = None
+    firing_counts = true_features = None
     if _WORKDIR.value:
       hookpoint, sae_dirs = run_folder.exported_sae_dirs(_WORKDIR.value, _HOOKPOINT.value)
       out = _OUT.value or storage.join(_WORKDIR.value, 'alignment')
+      true_features = read_true_features(_WORKDIR.value)
       if _FIRING_TOKENS.value > 0:
         try:
           firing_counts = run_firing(_WORKDIR.value, hookpoint, sae_dirs, _FIRING_TOKENS.value)
@@ -84,7 +101,7 @@ def main(argv: list[str]) -> None:
         fail(f'SAE folder names must differ (they name the pairs): {names}')
       sae_dirs, out = dict(zip(names, folders)), _OUT.value
     alignment_run.run_alignment(sae_dirs, out, threshold=_THRESHOLD.value, method=_METHOD.value,
-                                workers=_WORKERS.value, firing=firing_counts)
+                                workers=_WORKERS.value, firing=firing_counts, true_features=true_features)
   except (ValueError, OSError) as error:
     fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
   logging.info('done: %s', out)

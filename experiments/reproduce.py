@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from saejax import storage
-from saejax.analysis import claims
+from saejax.analysis import claims, report
 from saejax.config import TrainConfig
 
 _OUT = flags.DEFINE_string('out', 'runs/reproduce', 'Output folder for report.md and claims.json.')
@@ -82,9 +82,12 @@ def write_report(out: str, results: list[claims.Claim], seconds: float, quick: b
     '# Reproduction of the paper\'s qualitative claims', '',
     f'{"Quick" if quick else "Full"} suite, {seconds:.0f} s. Synthetic ground truth unless marked [random LM].', '',
     '| claim | measured | holds |', '|---|---|---|',
-    *[f'| {c.claim} | {c.measured} | {VERDICTS[c.holds]} |' for c in results],
+    *[f'| {c.claim} | {c.measured} | {VERDICTS[c.holds]} |' for c in results], '',
   ]
-  storage.write_text(storage.join(out, 'report.md'), '\n'.join(lines) + '\n')
+  for claim in results:
+    if 'recovery' in claim.details:
+      lines += report.ground_truth_section(claim.details['recovery'])
+  storage.write_text(storage.join(out, 'report.md'), '\n'.join(lines).rstrip() + '\n')
   storage.write_json(storage.join(out, 'claims.json'), [dataclasses.asdict(c) for c in results], default=float)
 
 

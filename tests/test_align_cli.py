@@ -64,6 +64,18 @@ def test_align_workdir_writes_everything(trained_run):
     # TopK: every token fires at most k latents.
     assert firing['counts'].sum(axis=1).max() <= 4 * int(firing['tokens'])
 
+  # The synthetic run's ground truth: recovery per seed, split by sharing, consistent with the other outputs.
+  recovery = seeds['ground_truth_recovery']
+  assert recovery['num_features'] == 48 and list(recovery['per_seed']) == seeds['names']
+  trained = json.loads((trained_run / 'summary.json').read_text())['recovery']['seeds']
+  for index, (name, row) in enumerate(recovery['per_seed'].items()):
+    assert row['shared_latents'] + row['orphan_latents'] == 64
+    assert row['orphan_latents'] == seeds['exactly_in_n'][name][0]  # orphans: in exactly one SAE, the base
+    assert row['features_recovered'] == pytest.approx(trained[index]['recovered_fraction'])
+    assert row['features_recovered'] == pytest.approx(
+      row['features_recovered_by_shared'] + row['features_recovered_only_by_orphans'])
+  assert 'Ground-truth recovery' in (out / 'report.md').read_text()
+
 
 @pytest.mark.slow
 def test_align_saes_folders_and_bad_input(trained_run, tmp_path):
@@ -74,6 +86,7 @@ def test_align_saes_folders_and_bad_input(trained_run, tmp_path):
   summary = json.loads((out / 'summary.json').read_text())
   assert [(p['a'], p['b']) for p in summary['pairs']] == [('seed0', 'seed1')]
   assert summary['pairs'][0]['method'] == 'sparse'
+  assert 'ground_truth_recovery' not in summary['seeds']  # bare SAE folders carry no ground truth
 
   # A permuted copy is 100% shared.
   params, cfg = formats.load_sae(seeds[0])
@@ -113,3 +126,20 @@ def test_align_saes_folders_and_bad_input(trained_run, tmp_path):
     assert len(lines) == 1, (label, result.stderr[-2000:])
     assert not bad_out.exists(), label
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(f'.{bad_out.name}.tmp')], label
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('damage', ['corrupt', 'wrong_width'])
+def test_align_refuses_a_bad_ground_truth_file(trained_run, tmp_path, damage):
+  run_copy = tmp_path / 'run'
+  shutil.copytree(trained_run, run_copy, ignore=shutil.ignore_patterns('alignment', 'checkpoints'))
+  truth = run_copy / 'ground_truth.npz'
+  if damage == 'corrupt':
+    truth.write_bytes(truth.read_bytes()[:100])
+  else:
+    np.savez(truth, features=np.ones((48, 17), np.float32))
+  result = run('experiments.align', f'--workdir={run_copy}', '--firing_tokens=0')
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [line for line in result.stderr.strip().splitlines() if line.startswith('error:')]
+  assert len(lines) == 1 and 'ground' in lines[0], result.stderr[-2000:]
+  assert not (run_copy / 'alignment').exists()

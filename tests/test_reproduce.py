@@ -36,7 +36,12 @@ def test_quick_reproduction_reports_every_claim(tmp_path):
   # The one claim that is a mathematical certainty must hold, on both sources.
   assert all(c['holds'] for c in claims if 'permuted copy' in c['claim'])
   report = (tmp_path / 'report.md').read_text()
-  assert report.count('\n| ') == len(claims) + 1
+  claims_table, recovery_table = report.split('### Ground-truth recovery')
+  assert claims_table.count('\n| ') == len(claims) + 1
+  # Ground-truth recovery per seed (6 seeds), split by shared and orphan latents.
+  recovery = next(c for c in claims if c['claim'].startswith('shared latents match'))['details']['recovery']
+  assert len(recovery['per_seed']) == 6
+  assert recovery_table.count('\n| seed') == 7  # the header and one row per seed
 
 
 def _curve(coefficients, l0s):

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from saejax import formats, storage
-from saejax.analysis import figures, fits, report
+from saejax.analysis import figures, fits, ground_truth, report
 from saejax.analysis.seeds import SeedsResult, analyse_seeds
 
 
@@ -110,11 +110,21 @@ def run_alignment(
   method: str = 'auto',
   workers: int | None = None,
   firing: Mapping[str, np.ndarray] | None = None,
+  true_features: np.ndarray | None = None,
 ) -> dict[str, Any]:
-  """Aligns all pairs of `sae_dirs` ({name: folder}) and writes the full output folder `out_dir`."""
+  """Aligns all pairs of `sae_dirs` ({name: folder}) and writes the full output folder `out_dir`.
+
+  true_features: [F, D], the true dictionary of a synthetic run; adds each seed's ground-truth recovery split
+  into shared and orphan latents (summary.json `seeds.ground_truth_recovery`, and the report).
+  """
   saes, _ = load_saes(sae_dirs)
+  if true_features is not None:
+    ground_truth.check_shapes(true_features, next(iter(saes.values()))['W_dec'])
   result = analyse_seeds(saes, threshold=threshold, method=method, workers=workers)
   summary = _summary(result, method)
+  if true_features is not None:
+    summary['seeds']['ground_truth_recovery'] = ground_truth.recovery_by_sharing(
+      true_features, {name: sae['W_dec'] for name, sae in saes.items()}, result.masks)
   # summary.json marks a complete alignment: it is published last (sweeps wait for it).
   with storage.staged_dir(out_dir, complete_marker='summary.json') as staging:
     os.makedirs(os.path.join(staging, 'pairs'))

@@ -172,7 +172,35 @@ def _seeds_section(seeds: Mapping[str, Any]) -> list[str]:
         [label, FIT_FORMULAS.get(name, '?'), params or None, fit.get('aic'), fit.get('asymptote'), fit.get('error')]
       )
     lines += _table(['model', 'formula', 'params', 'AIC', 'asymptote', 'error'], rows)
+  if seeds.get('ground_truth_recovery'):
+    lines += ground_truth_section(seeds['ground_truth_recovery'])
   return lines
+
+
+GROUND_TRUTH_COLUMNS = {
+  'shared_latents': 'shared latents',
+  'orphan_latents': 'orphans',
+  'mean_best_cos_shared': 'best cos, shared',
+  'mean_best_cos_orphan': 'best cos, orphans',
+  'true_fraction_shared': 'shared that are true features',
+  'true_fraction_orphan': 'orphans that are true features',
+  'features_recovered': 'features recovered',
+  'features_recovered_by_shared': 'by a shared latent',
+  'features_recovered_only_by_orphans': 'only by orphans',
+}
+
+
+def ground_truth_section(recovery: Mapping[str, Any]) -> list[str]:
+  """The per-seed table of saejax.analysis.ground_truth.recovery_by_sharing."""
+  threshold = fmt(recovery['threshold'])
+  lines = [
+    '### Ground-truth recovery, shared vs orphan latents', '',
+    f'Synthetic data: {recovery["num_features"]} true features. Shared: shared with at least one other seed. '
+    f'"Best cos" is a latent\'s best decoder cosine to any true feature; a latent *is* a true feature, and a '
+    f'feature is *recovered*, at cosine >= {threshold}.', '',
+  ]
+  rows = [[name, *(row[key] for key in GROUND_TRUTH_COLUMNS)] for name, row in recovery['per_seed'].items()]
+  return lines + _table(['seed', *GROUND_TRUTH_COLUMNS.values()], rows)
 
 
 def _int_key(item) -> int:
