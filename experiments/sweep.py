@@ -1,30 +1,45 @@
-"""Every ablation of the paper as a run matrix: print the commands (for a pod) or run them here in sequence.
+"""Every ablation of the paper as a run matrix: print the commands, run them here, or run them on a TPU slice.
 
   python -m experiments.sweep --sweep=fig4_latents                        # print train + align commands
-  python -m experiments.sweep --sweep=fig4_k --mode=local --root=runs     # run them one after another
+  python -m experiments.sweep --sweep=fig4_k --mode=local --root=runs     # run them one after another, here
+  python -m experiments.sweep --sweep=fig4_k --mode=pod --root=gs://BUCKET/runs   # one after another, on the slice
   python -m experiments.sweep --sweep=fig5_layers --set=model=/data/pythia-160m --set=dataset=/data/pile.bin
 
 Each run is a preset plus overrides; `--set FIELD=VALUE` adds overrides to every run (local weights, fewer
-tokens for a smoke test). Runs that already finished are skipped locally, since rerunning resumes.
+tokens for a smoke test). Runs that already finished are skipped, and an interrupted run resumes, so rerunning
+the same sweep command continues where it stopped.
+
+`--mode=pod` trains each run on the TPU slice of `launch/env` (or `LAUNCH_ENV`) through `launch/babysit.sh`,
+which creates the slice if needed, starts the command on every worker, recreates a preempted spot slice, and
+returns once the run's `summary.json` exists; each run is then aligned on this machine (which needs the `gcs`
+extra for a gs:// root). Leave it running where it survives: `nohup python -m experiments.sweep ... &`.
+
 `python -m experiments.figures --root=...` then collects the alignments into the paper's plots.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
 
 from absl import app, flags
 
-from experiments.ablations import SWEEPS, sweep_runs
+from experiments.ablations import SWEEPS, Run, sweep_runs
 from saejax import storage
 
+LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'launch')
+
 _SWEEP = flags.DEFINE_string('sweep', None, 'Which ablation (see SWEEPS).')
-_MODE = flags.DEFINE_enum('mode', 'print', ['print', 'local'], 'print the commands, or run them here.')
+_MODE = flags.DEFINE_enum('mode', 'print', ['print', 'local', 'pod'],
+                          'print the commands, run them here, or train on the TPU slice of launch/env.')
 _ROOT = flags.DEFINE_string('root', 'runs', 'Folder (or gs:// prefix) holding one workdir per run.')
 _SET = flags.DEFINE_multi_string('set', [], 'FIELD=VALUE override applied to every run.')
+_BABYSIT = flags.DEFINE_multi_string('babysit', [], 'pod mode: an option for launch/babysit.sh, e.g. '
+                                     '--babysit=--max-restarts=20 (repeatable).')
+_LAUNCH_DIR = flags.DEFINE_string('launch_dir', LAUNCH_DIR, 'pod mode: the folder holding babysit.sh.')
 
 
 def _done(workdir: str, aligned: bool) -> bool:
@@ -32,19 +47,37 @@ def _done(workdir: str, aligned: bool) -> bool:
                         else storage.join(workdir, 'summary.json'))
 
 
+def pod_train_command(run: Run, root: str, sweep: str, extra: list[str]) -> list[str]:
+  """The babysitter's command line for one run; the workers' venv supplies `python`."""
+  train = ['python', *run.train_command(root, sweep, extra)[1:]]
+  babysit = os.path.join(_LAUNCH_DIR.value, 'babysit.sh')
+  return [babysit, '--name', f'{sweep}.{run.name}', *_BABYSIT.value, '--', *train]
+
+
+def fail(message: str, code: int = 2) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(code)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1 or not _SWEEP.value:
-    print(f'error: give --sweep=NAME, one of: {", ".join(SWEEPS)}', file=sys.stderr)
-    sys.exit(2)
+    fail(f'give --sweep=NAME, one of: {", ".join(SWEEPS)}')
   try:
     runs = sweep_runs(_SWEEP.value)
   except ValueError as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
-  root, sweep = _ROOT.value, _SWEEP.value
+    fail(str(error))
+  root, sweep, mode = _ROOT.value, _SWEEP.value, _MODE.value
+  if mode == 'pod':
+    if not os.access(os.path.join(_LAUNCH_DIR.value, 'babysit.sh'), os.X_OK):
+      fail(f'no executable babysit.sh in {_LAUNCH_DIR.value!r}; run from a saejax checkout or pass --launch_dir')
+    if not root.startswith('gs://'):
+      print(f'warning: --root={root} is not gs://: every worker and this machine must see the same folder',
+            file=sys.stderr)
   for run in runs:
-    commands = [run.train_command(root, sweep, _SET.value), run.align_command(root, sweep)]
-    if _MODE.value == 'print':
+    train = (pod_train_command(run, root, sweep, _SET.value) if mode == 'pod'
+             else run.train_command(root, sweep, _SET.value))
+    commands = [train, run.align_command(root, sweep)]
+    if mode == 'print':
       for command in commands:
         print(shlex.join(['python', *command[1:]]))
       continue
@@ -54,9 +87,8 @@ def main(argv: list[str]) -> None:
         continue
       done = subprocess.run(command)
       if done.returncode != 0:
-        print(f'error: {run.name} failed ({shlex.join(command[1:])}); rerun the sweep to resume', file=sys.stderr)
-        sys.exit(done.returncode)
-  if _MODE.value == 'local':
+        fail(f'{run.name} failed ({shlex.join(command)}); rerun the sweep to resume', done.returncode)
+  if mode != 'print':
     print(json.dumps({'sweep': sweep, 'runs': [run.workdir(root, sweep) for run in runs]}))
 
 

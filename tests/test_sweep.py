@@ -56,3 +56,57 @@ def test_architecture_sweep_runs_locally_and_plots(tmp_path):
   plotted = json.loads((root / 'figures' / 'figures.json').read_text())['results']['fig5_arch']
   assert [r['run'] for r in plotted] == ['topk', 'gated', 'relu']
   assert all(0.0 <= r['shared_fraction'] <= 1.0 for r in plotted)
+
+
+FAKE_BABYSIT = """#!/usr/bin/env bash
+# Stands in for the slice: records how it was called, then runs the command here (python: this interpreter).
+printf '%s\\n' "$*" >> "$CALLS"
+while [[ $1 != -- ]]; do shift; done
+shift
+[[ $1 == python ]] || exit 3
+shift
+[[ -z ${FAIL_ON:-} || " $* " != *"$FAIL_ON"* ]] || exit 1
+exec "$PYTHON" "$@"
+"""
+# fig5_arch's three runs, made tiny by training on synthetic data instead of GPT-2.
+SYNTHETIC_SETS = ['source=synthetic', 'hookpoint=synthetic', 'd_in=16', 'num_features=32', 'num_latents=32', 'k=4',
+                  'batch_size=256', 'num_tokens=5120', 'init_seeds=0,1', 'warmup_steps=2', 'lr=3e-3']
+
+
+@pytest.mark.slow
+def test_pod_sweep_babysits_each_run_in_turn_and_skips_finished_ones(tmp_path):
+  launch_dir = tmp_path / 'launch'
+  launch_dir.mkdir()
+  (launch_dir / 'babysit.sh').write_text(FAKE_BABYSIT)
+  (launch_dir / 'babysit.sh').chmod(0o755)
+  calls, root = tmp_path / 'calls', tmp_path / 'runs'
+  env = {**ENV, 'CALLS': str(calls), 'PYTHON': sys.executable}
+  args = [sys.executable, '-m', 'experiments.sweep', '--sweep=fig5_arch', '--mode=pod', f'--root={root}',
+          f'--launch_dir={launch_dir}', '--babysit=--max-restarts=3', *[f'--set={item}' for item in SYNTHETIC_SETS]]
+
+  def sweep(**extra_env):
+    return subprocess.run(args, cwd=ROOT, env={**env, **extra_env}, capture_output=True, text=True, timeout=900)
+
+  failed = sweep(FAIL_ON='--config.arch=gated')
+  assert failed.returncode == 1 and 'gated failed' in failed.stderr and 'rerun the sweep' in failed.stderr
+  assert 'not gs://' in failed.stderr
+  assert (root / 'fig5_arch' / 'topk' / 'alignment' / 'summary.json').exists()
+  assert not (root / 'fig5_arch' / 'relu').exists()  # runs go in turn: nothing after the failure started
+  first = calls.read_text().splitlines()
+  assert [line.split()[1] for line in first] == ['fig5_arch.topk', 'fig5_arch.gated']
+  assert all(line.split()[2:4] == ['--max-restarts=3', '--'] for line in first)
+  assert all(f'--workdir={root}/fig5_arch/' in line for line in first)
+
+  result = sweep()
+  assert result.returncode == 0, result.stderr[-3000:]
+  again = calls.read_text().splitlines()[len(first):]
+  assert [line.split()[1] for line in again] == ['fig5_arch.gated', 'fig5_arch.relu']  # topk was done
+  for arch in ('topk', 'gated', 'relu'):
+    assert json.loads((root / 'fig5_arch' / arch / 'config.json').read_text())['arch'] == arch
+    assert (root / 'fig5_arch' / arch / 'alignment' / 'summary.json').exists()
+  assert json.loads(result.stdout)['runs'][-1] == f'{root}/fig5_arch/relu'
+
+
+def test_pod_sweep_needs_the_launch_scripts(tmp_path):
+  result = run('experiments.sweep', '--sweep=fig4_k', '--mode=pod', f'--launch_dir={tmp_path}')
+  assert result.returncode == 2 and result.stderr.count('error:') == 1 and 'babysit.sh' in result.stderr
