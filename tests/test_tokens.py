@@ -10,12 +10,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from saejax.data.memmap import MemmapTokenStream  # noqa: E402
-from saejax.data.tokens import (  # noqa: E402
-  StreamExhaustedError,
-  TextTokenStream,
-  open_token_stream,
-  token_mask,
-)
+from saejax.data.text import TextTokenStream  # noqa: E402
+from saejax.data.tokens import StreamExhaustedError, open_token_stream, token_mask  # noqa: E402
 
 WORDS = ['the', 'a', 'sparse', 'autoencoder', 'latent', 'feature', 'model', 'token', 'layer', 'seed', 'dictionary',
          'matches', 'across', 'runs']

@@ -119,13 +119,13 @@ class LMActivationSource(ActivationSource):
 
 def _open_tokens(config, rows: int, model_folder: str | None):
   """Pythia token rows (.bin/.npy) read in file order, or text tokenized with the model's tokenizer."""
-  from saejax.data import memmap, tokens
+  from saejax.data import memmap, text, tokens
 
   dataset = config.dataset
   if dataset.endswith(tokens.MEMMAP_SUFFIXES):
     return memmap.MemmapTokenStream(dataset, rows, config.context_length)
   offline = os.environ.get('HF_HUB_OFFLINE') == '1' or os.environ.get('HF_DATASETS_OFFLINE') == '1'
-  if offline and tokens.resolve_data_files(dataset) is None:
+  if offline and text.resolve_data_files(dataset) is None:
     raise FileNotFoundError(f'dataset {dataset!r} is not a local path and the Hub is offline; {_OFFLINE_HINT}')
-  return tokens.TextTokenStream(dataset, model_folder, rows, config.context_length,
+  return text.TextTokenStream(dataset, model_folder, rows, config.context_length,
                                 text_column=config.text_column, split=config.dataset_split)
