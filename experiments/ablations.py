@@ -22,27 +22,43 @@ class Run:
   def train_command(self, root: str, sweep: str, extra: list[str]) -> list[str]:
     fields = [f'--config.{name}={value}' for name, value in self.overrides]
     fields += [f'--config.{item}' for item in extra]
-    return [sys.executable, '-m', 'experiments.train', f'--config={self.preset}',
-            f'--workdir={self.workdir(root, sweep)}', *fields]
+    return [
+      sys.executable,
+      '-m',
+      'experiments.train',
+      f'--config={self.preset}',
+      f'--workdir={self.workdir(root, sweep)}',
+      *fields,
+    ]
 
   def align_command(self, root: str, sweep: str) -> list[str]:
     return [sys.executable, '-m', 'experiments.align', f'--workdir={self.workdir(root, sweep)}']
 
 
 def _runs(preset: str, field: str, values, name: str = '{}', **fixed) -> list[Run]:
-  return [Run(name.format(v), preset, ((field, str(v)), *((k, str(x)) for k, x in fixed.items())), field)
-          for v in values]
+  return [
+    Run(name.format(v), preset, ((field, str(v)), *((k, str(x)) for k, x in fixed.items())), field) for v in values
+  ]
 
 
 SWEEPS: dict[str, list[Run]] = {
   # Fig. 4 (Pythia-160M layers.6.mlp unless varied).
   'fig4_latents': _runs('pythia160m', 'num_latents', (32, 768, 4096, 16384, 32768, 65536, 131072), 'latents{}'),
   'fig4_k': _runs('pythia160m', 'k', (16, 32, 64, 128, 256), 'k{}'),
-  'fig4_tokens': _runs('pythia160m', 'num_tokens', (800_000_000, 2_000_000_000, 4_000_000_000, 8_000_000_000,
-                                                    16_000_000_000, 80_000_000_000), 'tokens{}'),
+  'fig4_tokens': _runs(
+    'pythia160m',
+    'num_tokens',
+    (800_000_000, 2_000_000_000, 4_000_000_000, 8_000_000_000, 16_000_000_000, 80_000_000_000),
+    'tokens{}',
+  ),
   # Fig. 5 left: every layer of Pythia-160M at two sizes.
-  'fig5_layers': [run for size in (4096, 32768) for run in _runs(
-    'pythia160m', 'hookpoint', [f'layers.{i}.mlp' for i in range(12)], f'latents{size}_' + '{}', num_latents=size)],
+  'fig5_layers': [
+    run
+    for size in (4096, 32768)
+    for run in _runs(
+      'pythia160m', 'hookpoint', [f'layers.{i}.mlp' for i in range(12)], f'latents{size}_' + '{}', num_latents=size
+    )
+  ],
   # Fig. 5 middle: models and positions at expansion factor 36.
   'fig5_models': [
     Run('pythia_mlp', 'pythia160m', (('hookpoint', 'layers.6.mlp'), ('num_latents', '27648')), 'hookpoint'),

@@ -52,9 +52,14 @@ def run_firing(workdir: str, hookpoint: str, sae_dirs: dict[str, str], num_token
   loaded = [formats.load_sae(path)[0] for path in sae_dirs.values()]
   params = {name: np.stack([p[name] for p in loaded]) for name in loaded[0]}
   source = data.make_source(config, shd.batch_sharding(shd.make_mesh()))
-  counts, tokens = firing.count_firing(params, sae_lib.SaeSpec.from_config(config), source, num_tokens,
-                                       start_position=config.num_steps,
-                                       hookpoint_index=config.hookpoints.index(hookpoint))
+  counts, tokens = firing.count_firing(
+    params,
+    sae_lib.SaeSpec.from_config(config),
+    source,
+    num_tokens,
+    start_position=config.num_steps,
+    hookpoint_index=config.hookpoints.index(hookpoint),
+  )
   firing.save_counts(workdir, counts, tokens, list(sae_dirs), file_key)
   return firing.load_counts(workdir, file_key)
 
@@ -100,8 +105,15 @@ def main(argv: list[str]) -> None:
       if len(set(names)) != len(names):
         fail(f'SAE folder names must differ (they name the pairs): {names}')
       sae_dirs, out = dict(zip(names, folders)), _OUT.value
-    alignment_run.run_alignment(sae_dirs, out, threshold=_THRESHOLD.value, method=_METHOD.value,
-                                workers=_WORKERS.value, firing=firing_counts, true_features=true_features)
+    alignment_run.run_alignment(
+      sae_dirs,
+      out,
+      threshold=_THRESHOLD.value,
+      method=_METHOD.value,
+      workers=_WORKERS.value,
+      firing=firing_counts,
+      true_features=true_features,
+    )
   except (ValueError, OSError) as error:
     fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
   logging.info('done: %s', out)

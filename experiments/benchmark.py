@@ -80,9 +80,17 @@ def encoder_matmul_seconds(batch: int, d_in: int, num_latents: int, repeats: int
 def train_step_seconds(num_seeds: int, repeats: int) -> tuple[float, float]:
   """Min step time for all seeds, and the min encoder matmul time measured between the step repeats."""
   config = TrainConfig(
-    arch=_ARCH.value, d_in=_D_IN.value, num_latents=_NUM_LATENTS.value, k=_K.value, batch_size=_BATCH.value,
-    num_tokens=_BATCH.value * 100_000, init_seeds=tuple(range(num_seeds)), seed_group_size=_SEED_GROUP.value,
-    kernel_chunk_tokens=_CHUNK.value, source='synthetic', num_features=2 * _D_IN.value,
+    arch=_ARCH.value,
+    d_in=_D_IN.value,
+    num_latents=_NUM_LATENTS.value,
+    k=_K.value,
+    batch_size=_BATCH.value,
+    num_tokens=_BATCH.value * 100_000,
+    init_seeds=tuple(range(num_seeds)),
+    seed_group_size=_SEED_GROUP.value,
+    kernel_chunk_tokens=_CHUNK.value,
+    source='synthetic',
+    num_features=2 * _D_IN.value,
   )
   trainer = Trainer(config, workdir='', mesh=shd.make_mesh(-1, 1))
   state = trainer.fresh_state()
@@ -174,9 +182,16 @@ def bench_align_one() -> dict:
     timings.append(time.perf_counter() - start)
   peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return {
-    'bench': 'align', 'n': n, 'd_in': _D_IN.value, 'impl': impl, 'pair_s': round(sum(timings), 3),
-    'matching_s': [round(t, 3) for t in timings], 'peak_rss_gb': round(peak_kib / 2**20, 3),
-    'certified_optimal': all(certified), 'totals': totals, 'machine': machine(),
+    'bench': 'align',
+    'n': n,
+    'd_in': _D_IN.value,
+    'impl': impl,
+    'pair_s': round(sum(timings), 3),
+    'matching_s': [round(t, 3) for t in timings],
+    'peak_rss_gb': round(peak_kib / 2**20, 3),
+    'certified_optimal': all(certified),
+    'totals': totals,
+    'machine': machine(),
   }
 
 
@@ -188,15 +203,37 @@ def bench_align() -> None:
   for n in (int(v) for v in _ALIGN_NS.value):
     impls = ['saejax'] + (['scipy'] if 20 * n * n <= _SCIPY_MAX_BYTES.value else [])
     for impl in impls:
-      command = [sys.executable, '-m', 'experiments.benchmark', 'align_one', f'--n={n}', f'--impl={impl}',
-                 f'--d_in={_D_IN.value}', f'--method={_METHOD.value}']
+      command = [
+        sys.executable,
+        '-m',
+        'experiments.benchmark',
+        'align_one',
+        f'--n={n}',
+        f'--impl={impl}',
+        f'--d_in={_D_IN.value}',
+        f'--method={_METHOD.value}',
+      ]
       done = subprocess.run(command, capture_output=True, text=True)
       lines = [line for line in done.stdout.splitlines() if line.startswith('{')]
-      print(lines[-1] if lines else json.dumps({'bench': 'align', 'n': n, 'impl': impl,
-                                               'error': done.stderr.strip().splitlines()[-1:]}), flush=True)
+      print(
+        lines[-1]
+        if lines
+        else json.dumps({'bench': 'align', 'n': n, 'impl': impl, 'error': done.stderr.strip().splitlines()[-1:]}),
+        flush=True,
+      )
     if 'scipy' not in impls:
-      print(json.dumps({'bench': 'align', 'n': n, 'impl': 'scipy', 'skipped': 'dense float32 matrix + float64 '
-                        f'copies need ~{20 * n * n / 2**30:.0f} GiB, over --scipy_max_bytes'}), flush=True)
+      print(
+        json.dumps(
+          {
+            'bench': 'align',
+            'n': n,
+            'impl': 'scipy',
+            'skipped': 'dense float32 matrix + float64 '
+            f'copies need ~{20 * n * n / 2**30:.0f} GiB, over --scipy_max_bytes',
+          }
+        ),
+        flush=True,
+      )
 
 
 def bench_lm() -> None:
@@ -212,9 +249,19 @@ def bench_lm() -> None:
     np.save(tokens_path, np.random.default_rng(0).integers(0, 50304, (rows * 4, context), dtype=np.uint16))
     for num_seeds in (int(s) for s in _SEEDS.value):
       config = TrainConfig(
-        source='lm', model=folder, dataset=tokens_path, hookpoint='layers.6.mlp', d_in=768, lm_dtype=_LM_DTYPE.value,
-        num_latents=_NUM_LATENTS.value, k=_K.value, batch_size=rows * context, context_length=context,
-        num_tokens=rows * context * 1000, init_seeds=tuple(range(num_seeds)), eval_tokens=0,
+        source='lm',
+        model=folder,
+        dataset=tokens_path,
+        hookpoint='layers.6.mlp',
+        d_in=768,
+        lm_dtype=_LM_DTYPE.value,
+        num_latents=_NUM_LATENTS.value,
+        k=_K.value,
+        batch_size=rows * context,
+        context_length=context,
+        num_tokens=rows * context * 1000,
+        init_seeds=tuple(range(num_seeds)),
+        eval_tokens=0,
       )
       trainer = Trainer(config, workdir='', mesh=shd.make_mesh(-1, 1))
       source = trainer.source
@@ -231,13 +278,27 @@ def bench_lm() -> None:
         jax.block_until_ready((state, metrics))
         full_times.append(time.perf_counter() - start)
       full_s = min(full_times)
-      print(json.dumps({
-        'bench': 'lm', 'model': 'pythia-160m-shaped (random)', 'hookpoint': 'layers.6.mlp', 'lm_dtype': _LM_DTYPE.value,
-        'tokens': rows * context, 'seeds': num_seeds, 'num_latents': _NUM_LATENTS.value, 'k': _K.value,
-        'lm_forward_s': round(forward_s, 4), 'lm_tokens_per_s': round(rows * context / forward_s, 1),
-        'full_step_s': round(full_s, 4), 'full_tokens_per_s': round(rows * context / full_s, 1),
-        'lm_share_of_step': round(forward_s / full_s, 3), 'machine': machine(),
-      }), flush=True)
+      print(
+        json.dumps(
+          {
+            'bench': 'lm',
+            'model': 'pythia-160m-shaped (random)',
+            'hookpoint': 'layers.6.mlp',
+            'lm_dtype': _LM_DTYPE.value,
+            'tokens': rows * context,
+            'seeds': num_seeds,
+            'num_latents': _NUM_LATENTS.value,
+            'k': _K.value,
+            'lm_forward_s': round(forward_s, 4),
+            'lm_tokens_per_s': round(rows * context / forward_s, 1),
+            'full_step_s': round(full_s, 4),
+            'full_tokens_per_s': round(rows * context / full_s, 1),
+            'lm_share_of_step': round(forward_s / full_s, 3),
+            'machine': machine(),
+          }
+        ),
+        flush=True,
+      )
 
 
 def bench_align_one_main() -> None:

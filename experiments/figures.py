@@ -44,8 +44,15 @@ def collect(root: str) -> tuple[dict[str, list[dict]], list[str]]:
       config = storage.read_json(storage.join(workdir, 'config.json'))
       pairs = storage.read_json(summary_path)['pairs']
       row = {'run': run.name, 'field': run.varied, 'value': config.get(run.varied), 'pairs': len(pairs)}
-      for key in ('shared_fraction', 'shared_fraction_notebook', 'partner_agreement', 'mean_cos_enc',
-                  'mean_cos_dec', 'mean_max_cos_enc', 'mean_max_cos_dec'):
+      for key in (
+        'shared_fraction',
+        'shared_fraction_notebook',
+        'partner_agreement',
+        'mean_cos_enc',
+        'mean_cos_dec',
+        'mean_max_cos_enc',
+        'mean_max_cos_dec',
+      ):
         row[key] = float(np.mean([p[key] for p in pairs]))
       rows.append(row)
     if rows:
@@ -102,8 +109,12 @@ def plot_figA3(results, path) -> str | None:
     return None
   fig, axes = plt.subplots(1, len(sweeps), figsize=(4.5 * len(sweeps), 3.6), squeeze=False)
   for ax, sweep in zip(axes[0], sweeps):
-    for key, label in (('mean_cos_dec', 'matched (decoder)'), ('mean_max_cos_dec', 'max (decoder)'),
-                       ('mean_cos_enc', 'matched (encoder)'), ('mean_max_cos_enc', 'max (encoder)')):
+    for key, label in (
+      ('mean_cos_dec', 'matched (decoder)'),
+      ('mean_max_cos_dec', 'max (decoder)'),
+      ('mean_cos_enc', 'matched (encoder)'),
+      ('mean_max_cos_enc', 'max (encoder)'),
+    ):
       _line(ax, results[sweep], key, label=label)
     ax.set_xscale('log')
     ax.set_xlabel(results[sweep][0]['field'])
@@ -121,10 +132,14 @@ def main(argv: list[str]) -> None:
   if not results:
     print(f'error: no aligned sweep runs under {root!r}; run python -m experiments.sweep first', file=sys.stderr)
     sys.exit(2)
-  made = {name: fn(results, storage.join(out, f'{name}.png'))
-          for name, fn in (('fig4', plot_fig4), ('fig5', plot_fig5), ('figA3', plot_figA3))}
-  storage.write_json(storage.join(out, 'figures.json'),
-                     {'results': results, 'missing': missing, 'figures': {k: v for k, v in made.items() if v}})
+  made = {
+    name: fn(results, storage.join(out, f'{name}.png'))
+    for name, fn in (('fig4', plot_fig4), ('fig5', plot_fig5), ('figA3', plot_figA3))
+  }
+  storage.write_json(
+    storage.join(out, 'figures.json'),
+    {'results': results, 'missing': missing, 'figures': {k: v for k, v in made.items() if v}},
+  )
   print(json.dumps({'figures': [v for v in made.values() if v], 'missing_runs': missing}))
 
 

@@ -57,8 +57,9 @@ def check_reachable(base_url: str, timeout_s: float = 5.0) -> None:
   try:
     socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
   except OSError as error:
-    raise ConnectionError(f'cannot reach the server at {parts.hostname}:{port} ({error.strerror or error}); '
-                          'start it or fix --base_url') from None
+    raise ConnectionError(
+      f'cannot reach the server at {parts.hostname}:{port} ({error.strerror or error}); start it or fix --base_url'
+    ) from None
 
 
 def choose_latents(run: str, seeds: list[str], spec: str, sample_seed: int, sizes: dict[str, int]):
@@ -113,39 +114,67 @@ def interpret(run: str) -> None:
   if not _LATENTS.value == 'all' and not _LATENTS.value.isdigit():
     raise ValueError(f"--latents must be a count per alignment bin or 'all', got {_LATENTS.value!r}")
   loaded = {seed: formats.load_sae(sae_dirs[seed]) for seed in seeds}
-  chosen = choose_latents(run, seeds, _LATENTS.value, _SAMPLE_SEED.value,
-                          {s: int(p['W_enc'].shape[0]) for s, (p, _) in loaded.items()})
-  scoring = pipeline.ScoringSettings(explain_examples=_EXPLAIN_EXAMPLES.value, detect_active=_DETECT.value,
-                                     detect_inactive=_DETECT.value, per_prompt=_PER_PROMPT.value,
-                                     marks=_MARKS.value, seed=_SAMPLE_SEED.value)
-  settings = contexts.ContextSettings(num_tokens=_TOKENS.value, window=_WINDOW.value, top_k=_EXPLAIN_EXAMPLES.value,
-                                      num_random=_DETECT.value + _EXPLAIN_EXAMPLES.value, seed=_SAMPLE_SEED.value)
+  chosen = choose_latents(
+    run, seeds, _LATENTS.value, _SAMPLE_SEED.value, {s: int(p['W_enc'].shape[0]) for s, (p, _) in loaded.items()}
+  )
+  scoring = pipeline.ScoringSettings(
+    explain_examples=_EXPLAIN_EXAMPLES.value,
+    detect_active=_DETECT.value,
+    detect_inactive=_DETECT.value,
+    per_prompt=_PER_PROMPT.value,
+    marks=_MARKS.value,
+    seed=_SAMPLE_SEED.value,
+  )
+  settings = contexts.ContextSettings(
+    num_tokens=_TOKENS.value,
+    window=_WINDOW.value,
+    top_k=_EXPLAIN_EXAMPLES.value,
+    num_random=_DETECT.value + _EXPLAIN_EXAMPLES.value,
+    seed=_SAMPLE_SEED.value,
+  )
   settings_id = scoring.settings_id(_MODEL.value)
-  todo = {seed: [int(x) for x in chosen[seed]
-                 if int(x) not in pipeline.finished_latents(pipeline.scores_path(run, seed), settings_id)]
-          for seed in seeds}
+  todo = {
+    seed: [
+      int(x)
+      for x in chosen[seed]
+      if int(x) not in pipeline.finished_latents(pipeline.scores_path(run, seed), settings_id)
+    ]
+    for seed in seeds
+  }
   failed = 0
   if any(todo.values()):
     check_reachable(_BASE_URL.value)
     stored = _contexts(run, config, hookpoint, seeds, loaded, chosen, settings)
     from saejax.interpret.client import ChatClient
 
-    client = ChatClient(_BASE_URL.value, _MODEL.value, api_key=_API_KEY.value, max_concurrency=_MAX_CONCURRENCY.value,
-                        max_retries=_MAX_RETRIES.value, timeout_s=_TIMEOUT.value,
-                        cache_dir=_CACHE_DIR.value or storage.join(run, 'interpret', 'cache'))
+    client = ChatClient(
+      _BASE_URL.value,
+      _MODEL.value,
+      api_key=_API_KEY.value,
+      max_concurrency=_MAX_CONCURRENCY.value,
+      max_retries=_MAX_RETRIES.value,
+      timeout_s=_TIMEOUT.value,
+      cache_dir=_CACHE_DIR.value or storage.join(run, 'interpret', 'cache'),
+    )
     decode = contexts.TokenText(os.path.join(stored['model_path'], 'tokenizer.json'))
     for seed in seeds:
-      counts = pipeline.score_latents(stored[seed], todo[seed], client, decode, scoring,
-                                      pipeline.scores_path(run, seed), seed,
-                                      chunk=max(8, 4 * _MAX_CONCURRENCY.value))
+      counts = pipeline.score_latents(
+        stored[seed],
+        todo[seed],
+        client,
+        decode,
+        scoring,
+        pipeline.scores_path(run, seed),
+        seed,
+        chunk=max(8, 4 * _MAX_CONCURRENCY.value),
+      )
       logging.info('%s: %s', seed, counts)
       failed += counts['failed']
   tables = {seed: analysis.score_table(pipeline.read_scores(pipeline.scores_path(run, seed))) for seed in seeds}
   report = analysis.write_report(run, seeds, tables, storage.join(run, 'interpret'))
   logging.info('report: %s (%s)', storage.join(run, 'interpret', 'report.md'), report['by_count'])
   if failed:
-    print(f'error: {failed} latents failed on server errors and were not scored; rerun to retry them',
-          file=sys.stderr)
+    print(f'error: {failed} latents failed on server errors and were not scored; rerun to retry them', file=sys.stderr)
     sys.exit(1)
 
 
@@ -165,8 +194,15 @@ def _contexts(run, config, hookpoint, seeds, loaded, chosen, settings) -> dict:
         source = data.make_source(config, shd.batch_sharding(shd.make_mesh()))
       params, cfg = loaded[seed]
       spec = sae_lib.SaeSpec(arch=cfg['arch'], d_in=cfg['d_in'], num_latents=cfg['num_latents'], k=cfg['k'])
-      stored = contexts.collect_contexts(params, spec, source, chosen[seed], settings, config.num_steps,
-                                         hookpoint_index=config.hookpoints.index(hookpoint))
+      stored = contexts.collect_contexts(
+        params,
+        spec,
+        source,
+        chosen[seed],
+        settings,
+        config.num_steps,
+        hookpoint_index=config.hookpoints.index(hookpoint),
+      )
       stored.meta.update(hookpoint=hookpoint, model_path=source.model.path)
       contexts.save_contexts(path, stored)
     out[seed] = stored

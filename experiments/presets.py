@@ -74,8 +74,14 @@ def gpt2() -> TrainConfig:
   python -m experiments.train --config=gpt2 --workdir=runs/gpt2_mlp
   python -m experiments.train --config=gpt2 --config.hookpoint=layers.6 --workdir=runs/gpt2_resid
   """
-  return _lm_preset(model='openai-community/gpt2', dataset='EleutherAI/the_pile_deduplicated', d_in=768,
-                    num_latents=36 * 768, context_length=1024, batch_size=64 * 1024)
+  return _lm_preset(
+    model='openai-community/gpt2',
+    dataset='EleutherAI/the_pile_deduplicated',
+    d_in=768,
+    num_latents=36 * 768,
+    context_length=1024,
+    batch_size=64 * 1024,
+  )
 
 
 def gpt2_residual() -> TrainConfig:
@@ -92,8 +98,15 @@ def smollm() -> TrainConfig:
   The paper does not name SmolLM's layer; 15 (the middle) is this preset's choice.
   python -m experiments.train --config=smollm --workdir=runs/smollm
   """
-  return _lm_preset(model='HuggingFaceTB/SmolLM-135M', dataset='HuggingFaceFW/fineweb-edu', hookpoint='layers.15.mlp',
-                    d_in=576, num_latents=36 * 576, context_length=2048, batch_size=32 * 2048)
+  return _lm_preset(
+    model='HuggingFaceTB/SmolLM-135M',
+    dataset='HuggingFaceFW/fineweb-edu',
+    hookpoint='layers.15.mlp',
+    d_in=576,
+    num_latents=36 * 576,
+    context_length=2048,
+    batch_size=32 * 2048,
+  )
 
 
 def llama3_8b() -> TrainConfig:
@@ -101,9 +114,15 @@ def llama3_8b() -> TrainConfig:
 
   python -m experiments.train --config=llama3_8b --workdir=gs://BUCKET/runs/llama3_8b --config.mesh_model=4
   """
-  return _lm_preset(model='meta-llama/Meta-Llama-3-8B', dataset='EleutherAI/the_pile_deduplicated',
-                    hookpoint='layers.16.mlp', d_in=4096, num_latents=131072, context_length=2048,
-                    batch_size=32 * 2048)
+  return _lm_preset(
+    model='meta-llama/Meta-Llama-3-8B',
+    dataset='EleutherAI/the_pile_deduplicated',
+    hookpoint='layers.16.mlp',
+    d_in=4096,
+    num_latents=131072,
+    context_length=2048,
+    batch_size=32 * 2048,
+  )
 
 
 PRESETS: dict[str, Callable[[], TrainConfig]] = {

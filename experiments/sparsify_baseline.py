@@ -1,10 +1,10 @@
-'''CPU timing baseline for EleutherAI sparsify's own TopK SAE training step.
+"""CPU timing baseline for EleutherAI sparsify's own TopK SAE training step.
 
 Owns `sparsify_step_seconds`, which glues sparsify's library pieces (SparseCoder, its fused encoder, eager
 embedding_bag decoder, FVU loss, decoder-gradient projection, decoder renormalisation) into exactly one iteration
 of `sparsify.trainer.Trainer.fit`'s inner loop (loss_fn='fvu', grad_acc_steps=1, micro_acc_steps=1, auxk_alpha=0)
 and times it on CPU torch. Run as `python -m experiments.sparsify_baseline ...` to print one JSON line.
-'''
+"""
 
 import argparse
 import contextlib
@@ -26,7 +26,7 @@ with contextlib.redirect_stdout(sys.stderr):  # sparsify prints 'Triton not inst
 
 
 def _make_optimizer(sae, optimizer: str):
-  '''Build the optimizer (and schedulers) exactly as `Trainer.__init__` does for one SAE.'''
+  """Build the optimizer (and schedulers) exactly as `Trainer.__init__` does for one SAE."""
   if optimizer == 'adam':  # trainer tries bitsandbytes Adam8bit first; it is not installed, so torch.optim.Adam
     lr = 2e-4 / (sae.num_latents / (2**14)) ** 0.5
     opt = torch.optim.Adam([dict(params=sae.parameters(), lr=lr)])
@@ -39,9 +39,10 @@ def _make_optimizer(sae, optimizer: str):
   raise ValueError(f'unknown optimizer {optimizer!r}')
 
 
-def sparsify_step_seconds(d_in: int, num_latents: int, k: int, batch: int, repeats: int = 5, warmup: int = 2,
-                          optimizer: str = 'adam') -> dict:
-  '''Time one sparsify training step (TopK SAE, FVU loss) on CPU; min and median over `repeats` steps.'''
+def sparsify_step_seconds(
+  d_in: int, num_latents: int, k: int, batch: int, repeats: int = 5, warmup: int = 2, optimizer: str = 'adam'
+) -> dict:
+  """Time one sparsify training step (TopK SAE, FVU loss) on CPU; min and median over `repeats` steps."""
   threads = os.cpu_count() or 1
   torch.set_num_threads(threads)
   prev_precision = torch.get_float32_matmul_precision()
@@ -92,7 +93,7 @@ def sparsify_step_seconds(d_in: int, num_latents: int, k: int, batch: int, repea
   decoder = getattr(decoder_impl, '__name__', str(decoder_impl))
   notes = (
     f"sparsify Trainer default optimizer is 'signum' (ScheduleFreeWrapper(SignSGD), momentum 0.95); timed "
-    f"optimizer={optimizer!r} lr={lr:.3e} (adam: trainer uses bitsandbytes Adam8bit if present, else "
+    f'optimizer={optimizer!r} lr={lr:.3e} (adam: trainer uses bitsandbytes Adam8bit if present, else '
     'torch.optim.Adam, lr 2e-4/sqrt(num_latents/2^14), linear warmup schedule). No grad clipping in the trainer. '
     f'Encoder: sparsify FusedEncoder (dense linear+relu+topk fwd; index_add sparse bwd). Decoder: {decoder} '
     '(sparse gather via F.embedding_bag; triton/xformers kernel only on GPU), its backward yields a dense W_dec grad. '
@@ -104,7 +105,10 @@ def sparsify_step_seconds(d_in: int, num_latents: int, k: int, batch: int, repea
     'step_s': min(times),
     'step_s_median': statistics.median(times),
     'times_s': times,
-    'd_in': d_in, 'num_latents': num_latents, 'k': k, 'batch': batch,
+    'd_in': d_in,
+    'num_latents': num_latents,
+    'k': k,
+    'batch': batch,
     'optimizer': optimizer,
     'fvu_first_last': [fvus[0], fvus[-1]],
     'torch': torch.__version__,
@@ -124,8 +128,11 @@ def main(argv=None):
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--optimizer', choices=['adam', 'signum'], default='adam')
   args = parser.parse_args(argv)
-  print(json.dumps(sparsify_step_seconds(args.d_in, args.num_latents, args.k, args.batch, args.repeats,
-                                         args.warmup, args.optimizer)))
+  print(
+    json.dumps(
+      sparsify_step_seconds(args.d_in, args.num_latents, args.k, args.batch, args.repeats, args.warmup, args.optimizer)
+    )
+  )
 
 
 if __name__ == '__main__':

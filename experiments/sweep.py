@@ -33,18 +33,24 @@ from saejax import storage
 LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'launch')
 
 _SWEEP = flags.DEFINE_string('sweep', None, 'Which ablation (see SWEEPS).')
-_MODE = flags.DEFINE_enum('mode', 'print', ['print', 'local', 'pod'],
-                          'print the commands, run them here, or train on the TPU slice of launch/env.')
+_MODE = flags.DEFINE_enum(
+  'mode',
+  'print',
+  ['print', 'local', 'pod'],
+  'print the commands, run them here, or train on the TPU slice of launch/env.',
+)
 _ROOT = flags.DEFINE_string('root', 'runs', 'Folder (or gs:// prefix) holding one workdir per run.')
 _SET = flags.DEFINE_multi_string('set', [], 'FIELD=VALUE override applied to every run.')
-_BABYSIT = flags.DEFINE_multi_string('babysit', [], 'pod mode: an option for launch/babysit.sh, e.g. '
-                                     '--babysit=--max-restarts=20 (repeatable).')
+_BABYSIT = flags.DEFINE_multi_string(
+  'babysit', [], 'pod mode: an option for launch/babysit.sh, e.g. --babysit=--max-restarts=20 (repeatable).'
+)
 _LAUNCH_DIR = flags.DEFINE_string('launch_dir', LAUNCH_DIR, 'pod mode: the folder holding babysit.sh.')
 
 
 def _done(workdir: str, aligned: bool) -> bool:
-  return storage.exists(storage.join(workdir, 'alignment', 'summary.json') if aligned
-                        else storage.join(workdir, 'summary.json'))
+  return storage.exists(
+    storage.join(workdir, 'alignment', 'summary.json') if aligned else storage.join(workdir, 'summary.json')
+  )
 
 
 def pod_train_command(run: Run, root: str, sweep: str, extra: list[str]) -> list[str]:
@@ -71,11 +77,13 @@ def main(argv: list[str]) -> None:
     if not os.access(os.path.join(_LAUNCH_DIR.value, 'babysit.sh'), os.X_OK):
       fail(f'no executable babysit.sh in {_LAUNCH_DIR.value!r}; run from a saejax checkout or pass --launch_dir')
     if not root.startswith('gs://'):
-      print(f'warning: --root={root} is not gs://: every worker and this machine must see the same folder',
-            file=sys.stderr)
+      print(
+        f'warning: --root={root} is not gs://: every worker and this machine must see the same folder', file=sys.stderr
+      )
   for run in runs:
-    train = (pod_train_command(run, root, sweep, _SET.value) if mode == 'pod'
-             else run.train_command(root, sweep, _SET.value))
+    train = (
+      pod_train_command(run, root, sweep, _SET.value) if mode == 'pod' else run.train_command(root, sweep, _SET.value)
+    )
     commands = [train, run.align_command(root, sweep)]
     if mode == 'print':
       for command in commands:

@@ -25,13 +25,16 @@ _CONFIG = config_flags.DEFINE_config_dataclass(
   'config', presets.synthetic(), 'Preset name, then --config.FIELD=VALUE overrides.', parse_fn=presets.get
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (created; an existing run there is resumed).')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'Multi-host: HOST:PORT of process 0 (default: $SAEJAX_COORDINATOR, or detected).')
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address', None, 'Multi-host: HOST:PORT of process 0 (default: $SAEJAX_COORDINATOR, or detected).'
+)
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: processes in the run.', lower_bound=1)
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0 .. num_processes - 1.',
-                                   lower_bound=0)
-_BIND_ADDRESS = flags.DEFINE_string('coordinator_bind_address', None,
-                                    'Multi-host: where process 0 listens, HOST or HOST:PORT (default: all interfaces).')
+_PROCESS_ID = flags.DEFINE_integer(
+  'process_id', None, 'Multi-host: this process, 0 .. num_processes - 1.', lower_bound=0
+)
+_BIND_ADDRESS = flags.DEFINE_string(
+  'coordinator_bind_address', None, 'Multi-host: where process 0 listens, HOST or HOST:PORT (default: all interfaces).'
+)
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 

@@ -100,8 +100,10 @@ class TrainConfig:
       (len(set(self.hookpoints)) == len(self.hookpoints), f'hookpoint={self.hookpoint!r} repeats a name'),
       (self.source == 'lm' or len(self.hookpoints) == 1, 'several hookpoints need the LM source'),
       (self.lm_dtype in ('bfloat16', 'float32'), f'lm_dtype={self.lm_dtype!r}; use bfloat16 or float32'),
-      (self.source != 'lm' or self.batch_size % self.context_length == 0,
-       f'batch_size={self.batch_size} must be a multiple of context_length={self.context_length} (whole sequences)'),
+      (
+        self.source != 'lm' or self.batch_size % self.context_length == 0,
+        f'batch_size={self.batch_size} must be a multiple of context_length={self.context_length} (whole sequences)',
+      ),
     ]
     for ok, message in checks:
       if not ok:

@@ -51,8 +51,9 @@ def detect_cluster() -> str | None:
   platforms = os.environ.get('JAX_PLATFORMS', '')
   if platforms and 'tpu' not in platforms:  # e.g. JAX_PLATFORMS=cpu on a TPU VM: one CPU process
     return None
-  on_tpu_vm = importlib.util.find_spec('libtpu') is not None and bool(glob.glob('/dev/accel*')
-                                                                       or glob.glob('/dev/vfio/[0-9]*'))
+  on_tpu_vm = importlib.util.find_spec('libtpu') is not None and bool(
+    glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')
+  )
   if on_tpu_vm or 'TPU_WORKER_HOSTNAMES' in os.environ:
     return 'tpu'  # JAX asks the TPU metadata server how many hosts the slice has (one is fine)
   return None
@@ -65,8 +66,12 @@ def _bind_address(bind_address: str | None, coordinator_address: str | None) -> 
   return f'{bind_address}:{coordinator_address.rsplit(":", 1)[1]}'
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, bind_address: str | None = None) -> bool:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  bind_address: str | None = None,
+) -> bool:
   """Starts `jax.distributed` when this is one process of several; returns whether it is initialised.
 
   Arguments left as None fall back to the `SAEJAX_*` environment variables. Call it once, after flag parsing
@@ -81,17 +86,27 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   cluster = detect_cluster()
   if coordinator_address is None and cluster is None:
     if num_processes not in (None, 1):
-      raise ValueError(f'num_processes={num_processes} needs a coordinator: pass --coordinator_address=HOST:PORT '
-                       f'(or set {ENV_COORDINATOR})')
+      raise ValueError(
+        f'num_processes={num_processes} needs a coordinator: pass --coordinator_address=HOST:PORT '
+        f'(or set {ENV_COORDINATOR})'
+      )
     return False
   if num_processes == 1:
     return False
   if coordinator_address is not None and cluster is None and (num_processes is None or process_id is None):
-    raise ValueError(f'--coordinator_address={coordinator_address} needs --num_processes and --process_id '
-                     f'(or {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID})')
+    raise ValueError(
+      f'--coordinator_address={coordinator_address} needs --num_processes and --process_id '
+      f'(or {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID})'
+    )
   if getattr(jax.config, 'jax_cpu_collectives_implementation', 'gloo') in (None, 'none'):
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address, num_processes, process_id, coordinator_bind_address=bind_address)
-  logging.info('jax.distributed: process %d of %d (%s), %d local / %d global devices', jax.process_index(),
-               jax.process_count(), cluster or coordinator_address, jax.local_device_count(), jax.device_count())
+  logging.info(
+    'jax.distributed: process %d of %d (%s), %d local / %d global devices',
+    jax.process_index(),
+    jax.process_count(),
+    cluster or coordinator_address,
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True

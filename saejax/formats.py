@@ -105,15 +105,23 @@ def save_eleuther(folder, params, *, arch: str, k: int, d_in: int, num_latents: 
   layout = _file_layout('eleuther', arch, d_in, num_latents)
   tensors = {layout[name][0]: value for name, value in arrays.items()}
   cfg = {
-    'activation': arch, 'expansion_factor': num_latents // d_in,
-    'normalize_decoder': True, 'num_latents': num_latents, 'k': k, 'multi_topk': False,
-    'skip_connection': False, 'transcode': False, 'd_in': d_in, 'arch': arch,
+    'activation': arch,
+    'expansion_factor': num_latents // d_in,
+    'normalize_decoder': True,
+    'num_latents': num_latents,
+    'k': k,
+    'multi_topk': False,
+    'skip_connection': False,
+    'transcode': False,
+    'd_in': d_in,
+    'arch': arch,
   }
   return _write_atomic(os.fspath(folder), ELEUTHER_WEIGHTS, tensors, _merge_extra(cfg, extra_cfg))
 
 
-def save_saelens(folder, params, *, arch: str, k: int, d_in: int, num_latents: int, hook_name: str = 'synthetic',
-                 extra_cfg=None) -> str:
+def save_saelens(
+  folder, params, *, arch: str, k: int, d_in: int, num_latents: int, hook_name: str = 'synthetic', extra_cfg=None
+) -> str:
   """Writes `folder` in the SAELens 6.x layout (`SAE.load_from_disk`), replacing any previous export there.
 
   `extra_cfg` goes into `metadata`, which SAELens keeps across its own load/save; `saejax_arch` and `saejax_k`
@@ -128,8 +136,14 @@ def save_saelens(folder, params, *, arch: str, k: int, d_in: int, num_latents: i
     tensors['threshold'] = np.full((num_latents,), arrays['threshold'], np.float32)
   metadata = {'sae_lens_version': _SAELENS_SCHEMA_VERSION, 'hook_name': hook_name, 'saejax_arch': arch, 'saejax_k': k}
   cfg = {
-    'architecture': _TO_SAELENS_ARCH[arch], 'd_in': d_in, 'd_sae': num_latents, 'dtype': 'float32',
-    'device': 'cpu', 'apply_b_dec_to_input': True, 'normalize_activations': 'none', 'reshape_activations': 'none',
+    'architecture': _TO_SAELENS_ARCH[arch],
+    'd_in': d_in,
+    'd_sae': num_latents,
+    'dtype': 'float32',
+    'device': 'cpu',
+    'apply_b_dec_to_input': True,
+    'normalize_activations': 'none',
+    'reshape_activations': 'none',
     'metadata': _merge_extra(metadata, extra_cfg),
   }
   if arch == 'topk':

@@ -64,8 +64,7 @@ def check_batch_divisible(mesh: Mesh, batch_size: int) -> None:
   data_size = mesh.shape[DATA]
   if batch_size % data_size:
     raise ValueError(
-      f'batch_size={batch_size} tokens does not split over the {data_size}-way data axis; '
-      f'use a multiple of {data_size}'
+      f'batch_size={batch_size} tokens does not split over the {data_size}-way data axis; use a multiple of {data_size}'
     )
 
 

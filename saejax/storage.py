@@ -43,8 +43,10 @@ def scheme(path: str | os.PathLike) -> str | None:
   if not sep:
     return None
   if head not in _BACKEND_PACKAGES:
-    raise ValueError(f'{path}: unsupported storage scheme {head}://; use a local path or one of '
-                     f'{", ".join(s + "://" for s in _BACKEND_PACKAGES)}')
+    raise ValueError(
+      f'{path}: unsupported storage scheme {head}://; use a local path or one of '
+      f'{", ".join(s + "://" for s in _BACKEND_PACKAGES)}'
+    )
   return head
 
 
@@ -235,8 +237,9 @@ def _swap_in(new: str, target: str) -> None:
 
 
 def _upload_dir(local: str, target: str, complete_marker: str | None) -> None:
-  files = sorted(os.path.relpath(os.path.join(root, name), local) for root, _, names in os.walk(local)
-                 for name in names)
+  files = sorted(
+    os.path.relpath(os.path.join(root, name), local) for root, _, names in os.walk(local) for name in names
+  )
   if complete_marker is not None:
     with contextlib.suppress(FileNotFoundError):
       _epath(join(target, complete_marker)).unlink()

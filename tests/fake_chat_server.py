@@ -48,7 +48,10 @@ _NUMBERED = re.compile(r'^\s*\d+[.):]')
 def chat_response(content: str | None, model: str = 'fake-model') -> dict:
   """The JSON body of a normal, non-streaming chat completion answering `content`."""
   return {
-    'id': 'chatcmpl-fake', 'object': 'chat.completion', 'created': 0, 'model': model,
+    'id': 'chatcmpl-fake',
+    'object': 'chat.completion',
+    'created': 0,
+    'model': model,
     'choices': [{'index': 0, 'message': {'role': 'assistant', 'content': content}, 'finish_reason': 'stop'}],
     'usage': {'prompt_tokens': 0, 'completion_tokens': 0, 'total_tokens': 0},
   }
@@ -132,7 +135,6 @@ class RequestLog:
 def _handler(respond: Responder, log: RequestLog) -> type[http.server.BaseHTTPRequestHandler]:
 
   class Handler(http.server.BaseHTTPRequestHandler):
-
     def log_message(self, *args):  # Silences the default stderr access log.
       del args
 

@@ -53,8 +53,12 @@ def gcs_emulator(bucket: str) -> Iterator[dict[str, str]]:
   server = emulator_server.create_server('127.0.0.1', 0, in_memory=True, default_bucket=bucket)
   server.start()
   url = f'http://127.0.0.1:{server._api._httpd.server_address[1]}'
-  env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
-         'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test-token', 'GOOGLE_CLOUD_PROJECT': 'saejax-test'}
+  env = {
+    'STORAGE_EMULATOR_HOST': url,
+    'TENSORSTORE_GCS_HTTP_URL': url,
+    'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test-token',
+    'GOOGLE_CLOUD_PROJECT': 'saejax-test',
+  }
   saved = {name: os.environ.get(name) for name in env}
   os.environ.update(env)
   gcsfs.GCSFileSystem.clear_instance_cache()  # instances remember the endpoint they were made with

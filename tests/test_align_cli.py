@@ -14,23 +14,42 @@ from saejax import formats
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
 PAIR_KEYS = {
-  'a', 'b', 'shared_fraction', 'shared_fraction_notebook', 'partner_agreement', 'mean_cos_enc', 'mean_cos_dec',
-  'mean_max_cos_enc', 'mean_max_cos_dec', 'method', 'certified_optimal',
+  'a',
+  'b',
+  'shared_fraction',
+  'shared_fraction_notebook',
+  'partner_agreement',
+  'mean_cos_enc',
+  'mean_cos_dec',
+  'mean_max_cos_enc',
+  'mean_max_cos_dec',
+  'method',
+  'certified_optimal',
 }
 
 
 def run(module: str, *args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                        timeout=600)
+  return subprocess.run(
+    [sys.executable, '-m', module, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+  )
 
 
 @pytest.fixture(scope='module')
 def trained_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('align') / 'run'
   result = run(
-    'experiments.train', '--config=synthetic', f'--workdir={workdir}', '--config.d_in=16',
-    '--config.num_features=48', '--config.num_latents=64', '--config.k=4', '--config.batch_size=256',
-    '--config.num_tokens=25600', '--config.init_seeds=0,1,2,3', '--config.lr=3e-3', '--config.warmup_steps=5',
+    'experiments.train',
+    '--config=synthetic',
+    f'--workdir={workdir}',
+    '--config.d_in=16',
+    '--config.num_features=48',
+    '--config.num_latents=64',
+    '--config.k=4',
+    '--config.batch_size=256',
+    '--config.num_tokens=25600',
+    '--config.init_seeds=0,1,2,3',
+    '--config.lr=3e-3',
+    '--config.warmup_steps=5',
   )
   assert result.returncode == 0, result.stderr[-2000:]
   return workdir
@@ -53,8 +72,13 @@ def test_align_workdir_writes_everything(trained_run):
   seeds = summary['seeds']
   assert set(seeds['unique_fraction_by_k']) == {'2', '3', '4'}
   assert all(sum(counts) == 64 and len(counts) == 4 for counts in seeds['exactly_in_n'].values())
-  for name in ('fig1_cosines.png', 'fig2_unique_vs_seeds.png', 'fig3_frequency.png', 'figA1_threshold_sweep.png',
-               'figA2_max_cos.png'):
+  for name in (
+    'fig1_cosines.png',
+    'fig2_unique_vs_seeds.png',
+    'fig3_frequency.png',
+    'figA1_threshold_sweep.png',
+    'figA2_max_cos.png',
+  ):
     assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert name in (out / 'report.md').read_text()
   rows = (out / 'universality.csv').read_text().strip().splitlines()
@@ -73,7 +97,8 @@ def test_align_workdir_writes_everything(trained_run):
     assert row['orphan_latents'] == seeds['exactly_in_n'][name][0]  # orphans: in exactly one SAE, the base
     assert row['features_recovered'] == pytest.approx(trained[index]['recovered_fraction'])
     assert row['features_recovered'] == pytest.approx(
-      row['features_recovered_by_shared'] + row['features_recovered_only_by_orphans'])
+      row['features_recovered_by_shared'] + row['features_recovered_only_by_orphans']
+    )
   assert 'Ground-truth recovery' in (out / 'report.md').read_text()
 
 
@@ -91,20 +116,25 @@ def test_align_saes_folders_and_bad_input(trained_run, tmp_path):
   # A permuted copy is 100% shared.
   params, cfg = formats.load_sae(seeds[0])
   perm = np.random.default_rng(0).permutation(cfg['num_latents'])
-  permuted = {name: (value[perm] if value.shape[:1] == (cfg['num_latents'],) else value)
-              for name, value in params.items()}
-  formats.save_eleuther(tmp_path / 'permuted', permuted, arch=cfg['arch'], k=cfg['k'], d_in=cfg['d_in'],
-                        num_latents=cfg['num_latents'])
+  permuted = {
+    name: (value[perm] if value.shape[:1] == (cfg['num_latents'],) else value) for name, value in params.items()
+  }
+  formats.save_eleuther(
+    tmp_path / 'permuted', permuted, arch=cfg['arch'], k=cfg['k'], d_in=cfg['d_in'], num_latents=cfg['num_latents']
+  )
   result = run('experiments.align', '--saes', str(seeds[0]), str(tmp_path / 'permuted'), f'--out={tmp_path / "p"}')
   assert result.returncode == 0, result.stderr[-2000:]
   assert json.loads((tmp_path / 'p' / 'summary.json').read_text())['pairs'][0]['shared_fraction'] == 1.0
 
   # Bad input: one line on stderr, exit 2, no output folder.
-  wide = {name: np.concatenate([value, value], axis=-1) if name in ('W_enc', 'W_dec') else value
-          for name, value in params.items()}
+  wide = {
+    name: np.concatenate([value, value], axis=-1) if name in ('W_enc', 'W_dec') else value
+    for name, value in params.items()
+  }
   wide['b_dec'] = np.concatenate([params['b_dec'], params['b_dec']])
-  formats.save_eleuther(tmp_path / 'wide', wide, arch=cfg['arch'], k=cfg['k'], d_in=2 * cfg['d_in'],
-                        num_latents=cfg['num_latents'])
+  formats.save_eleuther(
+    tmp_path / 'wide', wide, arch=cfg['arch'], k=cfg['k'], d_in=2 * cfg['d_in'], num_latents=cfg['num_latents']
+  )
   nan_dir = tmp_path / 'nan'
   shutil.copytree(seeds[1], nan_dir)
   from safetensors.numpy import load_file, save_file

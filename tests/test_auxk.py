@@ -96,8 +96,18 @@ def test_auxk_revives_latents_killed_by_a_high_learning_rate():
   # lr 3e-2 kills about 40% of the latents early. Dead window: 10 batches. Measured: 0.44 dead without AuxK,
   # 0.01 with it (FVU 0.467 vs 0.457).
   config = TrainConfig(
-    d_in=32, num_features=2048, feature_max_firing_prob=0.08, feature_firing_exponent=0.3, num_latents=512, k=4,
-    batch_size=256, num_tokens=256 * 300, lr=3e-2, warmup_steps=20, init_seeds=(0,), dead_tokens=256 * 10,
+    d_in=32,
+    num_features=2048,
+    feature_max_firing_prob=0.08,
+    feature_firing_exponent=0.3,
+    num_latents=512,
+    k=4,
+    batch_size=256,
+    num_tokens=256 * 300,
+    lr=3e-2,
+    warmup_steps=20,
+    init_seeds=(0,),
+    dead_tokens=256 * 10,
     kernel_chunk_tokens=16,
   )
   _, without = train_in_memory(config, SINGLE)

@@ -53,15 +53,19 @@ def test_api_key_from_environment_or_none(monkeypatch):
   assert 'Authorization' not in log.requests[1]['headers']
 
 
-@pytest.mark.parametrize('failure', [
-  (429, {'error': {'message': 'slow down'}}, {'Retry-After': '0'}, 0.0),
-  (500, 'internal error', {}, 0.0),
-  (503, b'', {}, 0.0),
-  (200, b'{"choices": [', {}, 0.0),  # malformed JSON
-  (200, {'choices': []}, {}, 0.0),  # well-formed but no content
-  (200, chat_response(None), {}, 0.0),  # content null
-  (200, b'{"choices": []}', {'Content-Length': '500'}, 0.0),  # truncated body
-], ids=['429', '500', '503', 'malformed', 'no-choices', 'null-content', 'incomplete'])
+@pytest.mark.parametrize(
+  'failure',
+  [
+    (429, {'error': {'message': 'slow down'}}, {'Retry-After': '0'}, 0.0),
+    (500, 'internal error', {}, 0.0),
+    (503, b'', {}, 0.0),
+    (200, b'{"choices": [', {}, 0.0),  # malformed JSON
+    (200, {'choices': []}, {}, 0.0),  # well-formed but no content
+    (200, chat_response(None), {}, 0.0),  # content null
+    (200, b'{"choices": []}', {'Content-Length': '500'}, 0.0),  # truncated body
+  ],
+  ids=['429', '500', '503', 'malformed', 'no-choices', 'null-content', 'incomplete'],
+)
 def test_transient_failures_are_retried(failure):
   log = RequestLog()
 
@@ -165,8 +169,12 @@ def test_cache_hits_cost_no_requests(tmp_path):
   # A fresh client on the same cache needs no server at all: neither base_url nor key is part of the key.
   fresh = ChatClient('http://127.0.0.1:9/v1', 'm', api_key='other', cache_dir=cache, max_retries=0)
   assert fresh.complete_many([(user('c'), {'temperature': 0.0}), (user('c'), {'temperature': 1.0})]) == ['echo: c'] * 2
-  assert ChatClient('http://127.0.0.1:9/v1', 'other-model', cache_dir=cache, max_retries=0,
-                    **FAST).complete_many([(user('c'), {'temperature': 0.0})])[0].attempts == 1
+  assert (
+    ChatClient('http://127.0.0.1:9/v1', 'other-model', cache_dir=cache, max_retries=0, **FAST)
+    .complete_many([(user('c'), {'temperature': 0.0})])[0]
+    .attempts
+    == 1
+  )
   files = [os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs]
   assert len(files) == 2 and all(f.endswith('.json') for f in files)
 
@@ -178,8 +186,10 @@ def test_corrupt_cache_file_is_ignored_and_rewritten(tmp_path):
     client = ChatClient(base_url, 'm', cache_dir=cache, **FAST)
     client.complete(user('z'))
     path = os.path.join(cache, cache_key('m', user('z'), {})[:2], cache_key('m', user('z'), {}) + '.json')
-    for garbage in ('{"content": "trunc', json.dumps({'model': 'm', 'messages': user('other'), 'params': {},
-                                                     'content': 'wrong'})):
+    for garbage in (
+      '{"content": "trunc',
+      json.dumps({'model': 'm', 'messages': user('other'), 'params': {}, 'content': 'wrong'}),
+    ):
       with open(path, 'w') as f:
         f.write(garbage)
       before = log.count

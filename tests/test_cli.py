@@ -22,9 +22,16 @@ STEPS = 10
 PER_SEED_KEYS = ('fvu', 'l0', 'dead_fraction', 'loss', 'grad_norm')
 METRIC_KEYS = {'step', 'hookpoint', 'tokens', 'lr', 'elapsed_s', 'time', *PER_SEED_KEYS}
 TINY = (
-  '--config=synthetic', '--config.d_in=16', '--config.num_features=64', '--config.num_latents=64', '--config.k=4',
-  f'--config.batch_size={BATCH}', f'--config.init_seeds={",".join(map(str, SEEDS))}',
-  '--config.checkpoint_every=5', '--config.log_every=5', '--config.warmup_steps=5',
+  '--config=synthetic',
+  '--config.d_in=16',
+  '--config.num_features=64',
+  '--config.num_latents=64',
+  '--config.k=4',
+  f'--config.batch_size={BATCH}',
+  f'--config.init_seeds={",".join(map(str, SEEDS))}',
+  '--config.checkpoint_every=5',
+  '--config.log_every=5',
+  '--config.warmup_steps=5',
 )
 
 
@@ -37,7 +44,11 @@ def cli_env() -> dict[str, str]:
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
   return subprocess.run(
-    [sys.executable, '-m', 'experiments.train', *args], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+    [sys.executable, '-m', 'experiments.train', *args],
+    cwd=ROOT,
+    env=cli_env(),
+    capture_output=True,
+    text=True,
     timeout=timeout,
   )
 
@@ -100,12 +111,16 @@ def copy_run(source, tmp_path):
 # --- flag errors: exit 2, one line, before JAX initialises -------------------------------------------------------
 
 
-@pytest.mark.parametrize('args, names', [
-  (('--config=nope', '--workdir={w}'), ('nope', 'synthetic')),
-  (('--config=synthetic', '--workdir={w}', '--config.foo=1'), ('foo',)),
-  (('--config=synthetic', '--workdir={w}', '--config.k=abc'), ('config.k', 'abc')),
-  (('--config=synthetic',), ('--workdir',)),
-], ids=['unknown-preset', 'unknown-field', 'wrong-type', 'missing-workdir'])
+@pytest.mark.parametrize(
+  'args, names',
+  [
+    (('--config=nope', '--workdir={w}'), ('nope', 'synthetic')),
+    (('--config=synthetic', '--workdir={w}', '--config.foo=1'), ('foo',)),
+    (('--config=synthetic', '--workdir={w}', '--config.k=abc'), ('config.k', 'abc')),
+    (('--config=synthetic',), ('--workdir',)),
+  ],
+  ids=['unknown-preset', 'unknown-field', 'wrong-type', 'missing-workdir'],
+)
 def test_bad_flags_exit_2_with_one_line(tmp_path, args, names):
   workdir = tmp_path / 'run'
   started = time.monotonic()
@@ -236,8 +251,9 @@ def assert_nothing_saved_past(workdir, failed_step: int) -> None:
 @pytest.mark.parametrize('noise', ['inf', 'nan'])
 def test_non_finite_activations_exit_1(tmp_path, noise):
   workdir = tmp_path / 'run'
-  result = run_tiny(workdir, f'--config.feature_noise_std={noise}', '--config.checkpoint_every=1',
-                    '--config.log_every=1')
+  result = run_tiny(
+    workdir, f'--config.feature_noise_std={noise}', '--config.checkpoint_every=1', '--config.log_every=1'
+  )
   assert result.returncode == 1, result.stderr[-3000:]
   line = error_line(result)
   match = re.search(r'non-finite activations in the batch of step (\d+)', line)

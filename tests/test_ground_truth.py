@@ -59,12 +59,15 @@ def test_recovery_by_sharing_reads_bitmasks_per_seed_and_averages():
   assert section.count('\n| a |') == 1 and section.count('\n| b |') == 1
 
 
-@pytest.mark.parametrize('features, W_dec, shared', [
-  (np.eye(8), np.ones((6, 7)), np.ones(6, bool)),  # different D
-  (np.eye(8)[None], np.ones((6, 8)), np.ones(6, bool)),  # not a matrix
-  (np.eye(8), np.ones((6, 8)), np.ones(5, bool)),  # mask of the wrong length
-  (np.full((8, 8), np.nan), np.ones((6, 8)), np.ones(6, bool)),  # corrupt ground truth
-])
+@pytest.mark.parametrize(
+  'features, W_dec, shared',
+  [
+    (np.eye(8), np.ones((6, 7)), np.ones(6, bool)),  # different D
+    (np.eye(8)[None], np.ones((6, 8)), np.ones(6, bool)),  # not a matrix
+    (np.eye(8), np.ones((6, 8)), np.ones(5, bool)),  # mask of the wrong length
+    (np.full((8, 8), np.nan), np.ones((6, 8)), np.ones(6, bool)),  # corrupt ground truth
+  ],
+)
 def test_bad_shapes_and_values_are_refused(features, W_dec, shared):
   with pytest.raises(ValueError):
     ground_truth.seed_recovery(features, W_dec, shared)

@@ -15,8 +15,13 @@ from tests.fake_chat_server import RequestLog, deterministic_answer, determinist
 from tests.tiny_lm import CONTEXT, ROWS, make_tiny_lm, tiny_train_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-       'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
+ENV = {
+  **os.environ,
+  'JAX_PLATFORMS': 'cpu',
+  'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+  'HF_HUB_OFFLINE': '1',
+  'HF_DATASETS_OFFLINE': '1',
+}
 ENV.pop('OPENAI_API_KEY', None)
 
 
@@ -32,22 +37,34 @@ def test_explain_prompt_marks_examples_and_fake_llm_reads_them():
   assert prompts.parse_explanation(deterministic_answer(messages)) == 'latent about sparse'
 
 
-@pytest.mark.parametrize('answer, expected', [
-  ('Numbers in citations.', 'Numbers in citations.'),
-  ('```\nExplanation: "Percent signs."\n```', 'Percent signs.'),
-  ('Sure! Here it is.\nExplanation: adverbs of frequency', 'adverbs of frequency'),
-  ('', None), ('   \n ``` ```', None), (None, None),
-])
+@pytest.mark.parametrize(
+  'answer, expected',
+  [
+    ('Numbers in citations.', 'Numbers in citations.'),
+    ('```\nExplanation: "Percent signs."\n```', 'Percent signs.'),
+    ('Sure! Here it is.\nExplanation: adverbs of frequency', 'adverbs of frequency'),
+    ('', None),
+    ('   \n ``` ```', None),
+    (None, None),
+  ],
+)
 def test_parse_explanation_tolerates_fences_and_preamble(answer, expected):
   assert prompts.parse_explanation(answer) == expected
 
 
-@pytest.mark.parametrize('answer, n, expected', [
-  ('[1, 0, 1]', 3, [1, 0, 1]),
-  ('```json\n[true, false]\n```', 2, [1, 0]),
-  ('My reasoning: example [2] fits.\nAnswer: ["1", "0", "0"]', 3, [1, 0, 0]),
-  ('[1, 0]', 3, None), ('[1, 2, 0]', 3, None), ('no list here', 2, None), ('[1, 0', 2, None), (None, 1, None),
-])
+@pytest.mark.parametrize(
+  'answer, n, expected',
+  [
+    ('[1, 0, 1]', 3, [1, 0, 1]),
+    ('```json\n[true, false]\n```', 2, [1, 0]),
+    ('My reasoning: example [2] fits.\nAnswer: ["1", "0", "0"]', 3, [1, 0, 0]),
+    ('[1, 0]', 3, None),
+    ('[1, 2, 0]', 3, None),
+    ('no list here', 2, None),
+    ('[1, 0', 2, None),
+    (None, 1, None),
+  ],
+)
 def test_parse_detection_is_tolerant_and_never_raises(answer, n, expected):
   assert prompts.parse_detection(answer, n) == expected
 
@@ -75,8 +92,9 @@ def test_balanced_accuracy_and_deterministic_layout():
 
 
 def run_module(module, *args, timeout=600):
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+    [sys.executable, '-m', module, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+  )
 
 
 @pytest.fixture(scope='module')
@@ -94,9 +112,22 @@ def aligned_run(tmp_path_factory):
 
 
 def interpret_args(workdir, base_url, *extra):
-  return ('experiments.interpret', f'--workdir={workdir}', f'--base_url={base_url}', '--model=fake-model',
-          '--seeds=0,1', '--latents=3', f'--tokens={CONTEXT * ROWS * 8}', '--window=8', '--explain_examples=4',
-          '--detect_examples=6', '--per_prompt=4', '--detection_marks', '--max_retries=0', *extra)
+  return (
+    'experiments.interpret',
+    f'--workdir={workdir}',
+    f'--base_url={base_url}',
+    '--model=fake-model',
+    '--seeds=0,1',
+    '--latents=3',
+    f'--tokens={CONTEXT * ROWS * 8}',
+    '--window=8',
+    '--explain_examples=4',
+    '--detect_examples=6',
+    '--per_prompt=4',
+    '--detection_marks',
+    '--max_retries=0',
+    *extra,
+  )
 
 
 def scores(workdir, seed):
@@ -172,8 +203,13 @@ def test_killed_run_keeps_written_scores(aligned_run, tmp_path):
     return deterministic_llm(request_json, attempt)
 
   with serve(slow) as base_url:
-    process = subprocess.Popen([sys.executable, '-m', *interpret_args(workdir, base_url, '--max_concurrency=1')],
-                               cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+      [sys.executable, '-m', *interpret_args(workdir, base_url, '--max_concurrency=1')],
+      cwd=ROOT,
+      env=ENV,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+    )
     try:
       deadline = time.time() + 300
       while not scores(workdir, 0) and time.time() < deadline and process.poll() is None:

@@ -28,6 +28,7 @@ def test_custom_backward_matches_autodiff(shards, chunk):
     def f(b_dec, W_enc, b_enc, W_dec):
       recon, vals, _ = autoencode(x, b_dec, W_enc, b_enc, W_dec, mask_bias)
       return jnp.sum(jnp.sin(recon)) + 0.3 * jnp.sum(vals**2)
+
     return f
 
   sparse = objective(lambda *a: kernels.topk_autoencode(*a, 5, shards, chunk))

@@ -17,16 +17,51 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, 'launch')
-SCRIPTS = ['create.sh', 'setup.sh', 'sync.sh', 'run.sh', 'status.sh', 'logs.sh', 'stop.sh', 'delete.sh',
-           'babysit.sh', 'slurm/submit.sh']
-ENV_VARS = ['PROJECT', 'ZONE', 'TPU_NAME', 'QR_NAME', 'ACCELERATOR', 'RUNTIME_VERSION', 'SPOT', 'BUCKET', 'REPO_URL',
-            'COMMIT', 'PYTHON', 'PYTHON_VERSION', 'REMOTE_DIR', 'VENV', 'JAX_PIP', 'PIP_EXTRA', 'NETWORK',
-            'SUBNETWORK', 'SERVICE_ACCOUNT', 'INTERNAL_IP']
+SCRIPTS = [
+  'create.sh',
+  'setup.sh',
+  'sync.sh',
+  'run.sh',
+  'status.sh',
+  'logs.sh',
+  'stop.sh',
+  'delete.sh',
+  'babysit.sh',
+  'slurm/submit.sh',
+]
+ENV_VARS = [
+  'PROJECT',
+  'ZONE',
+  'TPU_NAME',
+  'QR_NAME',
+  'ACCELERATOR',
+  'RUNTIME_VERSION',
+  'SPOT',
+  'BUCKET',
+  'REPO_URL',
+  'COMMIT',
+  'PYTHON',
+  'PYTHON_VERSION',
+  'REMOTE_DIR',
+  'VENV',
+  'JAX_PIP',
+  'PIP_EXTRA',
+  'NETWORK',
+  'SUBNETWORK',
+  'SERVICE_ACCOUNT',
+  'INTERNAL_IP',
+]
 COMMIT = '0123456789abcdef0123456789abcdef01234567'
 TRAIN = ['python', '-m', 'experiments.train', '--config=pythia160m', '--workdir=gs://b/runs/x']
 BASE_ENV = {
-  'PROJECT': 'my-proj', 'ZONE': 'us-east5-a', 'TPU_NAME': 'sae-pod', 'ACCELERATOR': 'v5p-64',
-  'RUNTIME_VERSION': 'v2-alpha-tpuv5', 'SPOT': '1', 'BUCKET': 'gs://b', 'REPO_URL': 'https://example.com/saejax.git',
+  'PROJECT': 'my-proj',
+  'ZONE': 'us-east5-a',
+  'TPU_NAME': 'sae-pod',
+  'ACCELERATOR': 'v5p-64',
+  'RUNTIME_VERSION': 'v2-alpha-tpuv5',
+  'SPOT': '1',
+  'BUCKET': 'gs://b',
+  'REPO_URL': 'https://example.com/saejax.git',
   'COMMIT': COMMIT,
 }
 FAKES = ['gcloud', 'sbatch', 'srun', 'scancel', 'scontrol', 'ssh', 'scp']
@@ -60,8 +95,14 @@ def launch(sandbox, script, *args, env_file=None, dry=True, launch_dir=LAUNCH, *
   env = dict(env, LAUNCH_ENV=env_file or write_env(tmp), **extra_env)
   if dry:
     env['DRY_RUN'] = '1'
-  return subprocess.run([os.path.join(launch_dir, script), *args], capture_output=True, text=True, env=env,
-                        stdin=subprocess.DEVNULL, timeout=60)
+  return subprocess.run(
+    [os.path.join(launch_dir, script), *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    stdin=subprocess.DEVNULL,
+    timeout=60,
+  )
 
 
 def commands(stdout):
@@ -72,7 +113,7 @@ def commands(stdout):
 def remote_command(argv):
   """The --command given to `gcloud compute tpus tpu-vm ssh`, and the bash script inside it."""
   assert argv[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh'], argv
-  value = next(a for a in argv if a.startswith('--command='))[len('--command='):]
+  value = next(a for a in argv if a.startswith('--command='))[len('--command=') :]
   words = shlex.split(value)
   assert words[:2] == ['bash', '-c'] and len(words) == 3, value
   return value, words[2]
@@ -85,6 +126,7 @@ def ok(result):
 
 # --- static checks -----------------------------------------------------------------------------------------------
 
+
 def shell_files():
   found = []
   for folder, _, names in os.walk(LAUNCH):
@@ -96,8 +138,9 @@ def test_every_script_passes_shellcheck():
   shellcheck = shutil.which('shellcheck')
   if shellcheck is None:
     pytest.skip('shellcheck is not installed (apt-get install -y shellcheck); the scripts were not linted')
-  result = subprocess.run([shellcheck, '--external-sources', *shell_files()], capture_output=True, text=True,
-                          cwd=LAUNCH, timeout=60)
+  result = subprocess.run(
+    [shellcheck, '--external-sources', *shell_files()], capture_output=True, text=True, cwd=LAUNCH, timeout=60
+  )
   assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -126,30 +169,52 @@ def test_env_example_holds_every_setting(sandbox):
 
 def test_quoting_round_trips_awkward_arguments():
   awkward = ['plain', '', 'two words', "it's", '"dq"', '$HOME', '`id`', 'a\\b', '*', 'semi;colon', 'é', '--x=a b']
-  quoted = subprocess.run(['bash', '-c', 'source launch/common.sh; qjoin "$@"', 'test', *awkward],
-                          capture_output=True, text=True, cwd=ROOT, timeout=30)
+  quoted = subprocess.run(
+    ['bash', '-c', 'source launch/common.sh; qjoin "$@"', 'test', *awkward],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=30,
+  )
   assert quoted.returncode == 0, quoted.stderr
   assert shlex.split(quoted.stdout) == awkward
   # Newlines and tabs use bash's $'...', so a command stays on one line; bash reads every argument back.
   awkward += ['two\nlines', "tab\tand 'quote'\n\\n"]
-  result = subprocess.run(['bash', '-c', 'source launch/common.sh; line=$(qjoin "$@"); [[ $line != *$\'\\n\'* ]]; '
-                           'eval "set -- $line"; printf "%s\\0" "$@"', 'test', *awkward],
-                          capture_output=True, text=True, cwd=ROOT, timeout=30)
+  result = subprocess.run(
+    [
+      'bash',
+      '-c',
+      'source launch/common.sh; line=$(qjoin "$@"); [[ $line != *$\'\\n\'* ]]; '
+      'eval "set -- $line"; printf "%s\\0" "$@"',
+      'test',
+      *awkward,
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=30,
+  )
   assert result.returncode == 0, result.stderr
   assert result.stdout.split('\0')[:-1] == awkward
 
 
 # --- dry runs ----------------------------------------------------------------------------------------------------
 
+
 def test_create_prints_queued_resource_request(sandbox):
   (argv,) = commands(ok(launch(sandbox, 'create.sh')).stdout)
   assert argv[:6] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'create', 'sae-pod']
-  for flag in ['--node-id=sae-pod', '--accelerator-type=v5p-64', '--runtime-version=v2-alpha-tpuv5', '--spot',
-               '--project=my-proj', '--zone=us-east5-a']:
+  for flag in [
+    '--node-id=sae-pod',
+    '--accelerator-type=v5p-64',
+    '--runtime-version=v2-alpha-tpuv5',
+    '--spot',
+    '--project=my-proj',
+    '--zone=us-east5-a',
+  ]:
     assert flag in argv
   tmp, _ = sandbox
-  (argv,) = commands(ok(launch(sandbox, 'create.sh', '--dry-run', env_file=write_env(tmp, SPOT='0'),
-                               dry=False)).stdout)
+  (argv,) = commands(ok(launch(sandbox, 'create.sh', '--dry-run', env_file=write_env(tmp, SPOT='0'), dry=False)).stdout)
   assert '--spot' not in argv and '--accelerator-type=v5p-64' in argv
 
 
@@ -171,8 +236,13 @@ def test_sync_refuses_an_unpinned_commit(sandbox, commit):
 
 
 def git(*args, cwd):
-  subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@example.com', *args], cwd=cwd, check=True,
-                 capture_output=True, timeout=30)
+  subprocess.run(
+    ['git', '-c', 'user.name=t', '-c', 'user.email=t@example.com', *args],
+    cwd=cwd,
+    check=True,
+    capture_output=True,
+    timeout=30,
+  )
 
 
 def test_sync_refuses_a_dirty_commit(sandbox):
@@ -278,10 +348,20 @@ def test_babysit_leaves_a_running_job_alone(sandbox):
   assert result.returncode == 2 and '--name' in result.stderr
 
 
-@pytest.mark.parametrize('script,args', [
-  ('create.sh', []), ('sync.sh', []), ('setup.sh', []), ('run.sh', ['--', *TRAIN]), ('status.sh', []),
-  ('logs.sh', []), ('stop.sh', []), ('delete.sh', []), ('babysit.sh', ['--name', 'x', '--once', '--', *TRAIN]),
-])
+@pytest.mark.parametrize(
+  'script,args',
+  [
+    ('create.sh', []),
+    ('sync.sh', []),
+    ('setup.sh', []),
+    ('run.sh', ['--', *TRAIN]),
+    ('status.sh', []),
+    ('logs.sh', []),
+    ('stop.sh', []),
+    ('delete.sh', []),
+    ('babysit.sh', ['--name', 'x', '--once', '--', *TRAIN]),
+  ],
+)
 def test_missing_settings_give_one_line_and_exit_2(sandbox, script, args):
   tmp, _ = sandbox
   result = launch(sandbox, script, *args, env_file=write_env(tmp, PROJECT=None, ZONE=''))
@@ -294,14 +374,19 @@ def test_missing_settings_give_one_line_and_exit_2(sandbox, script, args):
 
 def test_bad_settings_give_one_line(sandbox):
   tmp, _ = sandbox
-  for bad in [{'SPOT': 'maybe'}, {'ACCELERATOR': 'h100'}, {'BUCKET': 'my-bucket'}, {'TPU_NAME': 'My_Pod'},
-              {'REMOTE_DIR': '~/saejax'}]:
+  for bad in [
+    {'SPOT': 'maybe'},
+    {'ACCELERATOR': 'h100'},
+    {'BUCKET': 'my-bucket'},
+    {'TPU_NAME': 'My_Pod'},
+    {'REMOTE_DIR': '~/saejax'},
+  ]:
     result = launch(sandbox, 'create.sh', env_file=write_env(tmp, **bad))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, (bad, result.stderr)
     assert next(iter(bad)) in result.stderr
 
 
-SCRIPTED_GCLOUD = r'''#!/usr/bin/env bash
+SCRIPTED_GCLOUD = r"""#!/usr/bin/env bash
 printf '%s\n' "$*" >> "$GCLOUD_LOG"
 case "$*" in
   *"queued-resources describe"*) echo "$QR_STATE" ;;
@@ -309,17 +394,20 @@ case "$*" in
   *"storage ls"*) exit "$SUMMARY_RC" ;;
   *) echo "fake gcloud: ok" ;;
 esac
-'''
+"""
 
 
-@pytest.mark.parametrize('probe,summary_rc,code,expect,reran', [
-  ('saejax-job w0 running 11\\nsaejax-job w1 running 12\\n', 1, 0, 'running on 2/2 hosts', False),
-  ('saejax-job w0 exited 0\\nsaejax-job w1 exited 0\\n', 0, 0, 'finished on all 2 hosts', False),
-  ('saejax-job w0 exited 0\\nsaejax-job w1 exited 0\\n', 1, 0, 'without gs://b/runs/x/summary.json', True),
-  ('saejax-job w0 exited 1\\nsaejax-job w1 lost\\n', 1, 1, 'not restarting', False),
-  ('saejax-job w0 running 11\\nsaejax-job w1 lost\\n', 1, 0, 'restart 1/3', True),
-  ('saejax-job w0 absent\\nsaejax-job w1 absent\\n', 1, 0, 'has not started', True),
-])
+@pytest.mark.parametrize(
+  'probe,summary_rc,code,expect,reran',
+  [
+    ('saejax-job w0 running 11\\nsaejax-job w1 running 12\\n', 1, 0, 'running on 2/2 hosts', False),
+    ('saejax-job w0 exited 0\\nsaejax-job w1 exited 0\\n', 0, 0, 'finished on all 2 hosts', False),
+    ('saejax-job w0 exited 0\\nsaejax-job w1 exited 0\\n', 1, 0, 'without gs://b/runs/x/summary.json', True),
+    ('saejax-job w0 exited 1\\nsaejax-job w1 lost\\n', 1, 1, 'not restarting', False),
+    ('saejax-job w0 running 11\\nsaejax-job w1 lost\\n', 1, 0, 'restart 1/3', True),
+    ('saejax-job w0 absent\\nsaejax-job w1 absent\\n', 1, 0, 'has not started', True),
+  ],
+)
 def test_babysit_decisions_on_an_active_slice(sandbox, probe, summary_rc, code, expect, reran):
   """Not a dry run: a scripted gcloud answers the state, the workers' probe and the summary.json lookup."""
   tmp, env = sandbox
@@ -330,9 +418,21 @@ def test_babysit_decisions_on_an_active_slice(sandbox, probe, summary_rc, code, 
   calls = tmp / 'gcloud.log'
   result = subprocess.run(
     [os.path.join(LAUNCH, 'babysit.sh'), '--name', 'x', '--max-restarts', '3', '--once', '--', *TRAIN],
-    capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-    env=dict(env, PATH=f'{scripted}{os.pathsep}{env["PATH"]}', LAUNCH_ENV=write_env(tmp), GCLOUD_LOG=str(calls),
-             QR_STATE='ACTIVE', PROBE=probe, SUMMARY_RC=str(summary_rc), SSH_AUTH_SOCK=''))
+    capture_output=True,
+    text=True,
+    timeout=60,
+    stdin=subprocess.DEVNULL,
+    env=dict(
+      env,
+      PATH=f'{scripted}{os.pathsep}{env["PATH"]}',
+      LAUNCH_ENV=write_env(tmp),
+      GCLOUD_LOG=str(calls),
+      QR_STATE='ACTIVE',
+      PROBE=probe,
+      SUMMARY_RC=str(summary_rc),
+      SSH_AUTH_SOCK='',
+    ),
+  )
   assert result.returncode == code, result.stderr
   assert expect in result.stderr
   log = calls.read_text()
@@ -342,7 +442,7 @@ def test_babysit_decisions_on_an_active_slice(sandbox, probe, summary_rc, code, 
 
 # --- the worker side, run locally --------------------------------------------------------------------------------
 
-WORKER_PROGRAM = r'''
+WORKER_PROGRAM = r"""
 import json, signal, sys, time
 def on_term(*_):
   print('SIGTERM: checkpoint saved', flush=True)
@@ -352,7 +452,7 @@ json.dump(sys.argv[1:], open('argv.json', 'w'))
 print('training', flush=True)
 while True:
   time.sleep(0.05)
-'''
+"""
 
 
 def on_worker(sandbox, script, *args, env_file):
@@ -419,6 +519,7 @@ def test_run_status_stop_on_a_local_worker(sandbox):
 
 # --- Slurm -------------------------------------------------------------------------------------------------------
 
+
 def test_slurm_submit_dry_run_snapshots_and_submits(sandbox):
   tmp, _ = sandbox
   repo = tmp / 'repo'
@@ -427,8 +528,15 @@ def test_slurm_submit_dry_run_snapshots_and_submits(sandbox):
   git('add', '.', cwd=repo)
   git('commit', '-q', '-m', 'c', cwd=repo)
   head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=repo, capture_output=True, text=True).stdout.strip()
-  result = launch(sandbox, 'slurm/submit.sh', '--sbatch=--nodes=4', '--', *TRAIN, launch_dir=str(repo / 'launch'),
-                  SAEJAX_SNAPSHOTS=str(tmp / 'snaps'))
+  result = launch(
+    sandbox,
+    'slurm/submit.sh',
+    '--sbatch=--nodes=4',
+    '--',
+    *TRAIN,
+    launch_dir=str(repo / 'launch'),
+    SAEJAX_SNAPSHOTS=str(tmp / 'snaps'),
+  )
   worktree, sbatch = commands(ok(result).stdout)
   snapshot = str(tmp / 'snaps' / head)
   assert worktree == ['git', '-C', str(repo), 'worktree', 'add', '--detach', snapshot, head]
@@ -438,15 +546,15 @@ def test_slurm_submit_dry_run_snapshots_and_submits(sandbox):
   assert result.returncode == 2 and 'uncommitted' in result.stderr
 
 
-FAKE_SRUN = r'''#!/usr/bin/env bash
+FAKE_SRUN = r"""#!/usr/bin/env bash
 out=/dev/null
 while [[ $1 == --* ]]; do case $1 in --output=*) out=${1#*=} ;; esac; shift; done
 out=${out//%N/node0}; out=${out//%t/0}
 "$@" > "$out" 2>&1 &
 echo $! > "$FAKE_SLURM/task.pid"
 wait $!
-'''
-SLURM_TASK = r'''
+"""
+SLURM_TASK = r"""
 import os, signal, sys, time
 def on_term(*_):
   print('SIGTERM: checkpoint saved', flush=True)
@@ -455,7 +563,7 @@ signal.signal(signal.SIGTERM, on_term)
 print('JAX_LOCAL_DEVICE_IDS=' + os.environ.get('JAX_LOCAL_DEVICE_IDS', '-'), flush=True)
 while True:
   time.sleep(0.05)
-'''
+"""
 
 
 def test_slurm_batch_script_uses_all_gpus_and_requeues_at_the_time_limit(sandbox):
@@ -469,10 +577,23 @@ def test_slurm_batch_script_uses_all_gpus_and_requeues_at_the_time_limit(sandbox
     (fake / tool).chmod(0o755)
   work = tmp / 'work'
   work.mkdir()
-  env = dict(env, PATH=f'{fake}{os.pathsep}{env["PATH"]}', FAKE_SLURM=str(fake), SLURM_JOB_ID='4242',
-             SLURM_JOB_NAME='t', SLURM_NTASKS_PER_NODE='1', CUDA_VISIBLE_DEVICES='0,1,2,3')
-  batch = subprocess.Popen(['bash', os.path.join(LAUNCH, 'slurm', 'train.sbatch'), sys.executable, '-c', SLURM_TASK],
-                           cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  env = dict(
+    env,
+    PATH=f'{fake}{os.pathsep}{env["PATH"]}',
+    FAKE_SLURM=str(fake),
+    SLURM_JOB_ID='4242',
+    SLURM_JOB_NAME='t',
+    SLURM_NTASKS_PER_NODE='1',
+    CUDA_VISIBLE_DEVICES='0,1,2,3',
+  )
+  batch = subprocess.Popen(
+    ['bash', os.path.join(LAUNCH, 'slurm', 'train.sbatch'), sys.executable, '-c', SLURM_TASK],
+    cwd=work,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   task_log = work / 'logs' / 't-4242' / 'host-node0-task-0.log'
   try:
     deadline = time.time() + 20

@@ -1,4 +1,4 @@
-"""The tree stays ruff-clean (configured in pyproject.toml)."""
+"""The tree stays ruff-clean and ruff-formatted (both configured in pyproject.toml)."""
 
 import os
 import shutil
@@ -9,9 +9,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_ruff_check_is_clean():
+@pytest.mark.parametrize('command', [['check', '--quiet'], ['format', '--check', '--quiet']], ids=['lint', 'format'])
+def test_ruff_is_clean(command):
   ruff = shutil.which('ruff')
   if ruff is None:
     pytest.skip('ruff is not installed (pip install -e .[test])')
-  result = subprocess.run([ruff, 'check', '--quiet', ROOT], capture_output=True, text=True)
-  assert result.returncode == 0, result.stdout + result.stderr
+  result = subprocess.run([ruff, *command, ROOT], capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout + result.stderr + '\nfix with: ruff check --fix . && ruff format .'

@@ -22,10 +22,16 @@ def lm_folder(tmp_path_factory):
 
 
 def run(module, *args):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-         'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
+  env = {
+    **os.environ,
+    'JAX_PLATFORMS': 'cpu',
+    'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+    'HF_HUB_OFFLINE': '1',
+    'HF_DATASETS_OFFLINE': '1',
+  }
+  return subprocess.run(
+    [sys.executable, '-m', module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
 
 
 @pytest.mark.slow
@@ -60,10 +66,20 @@ def test_resume_over_a_text_stream_is_bitwise(lm_folder, tmp_path):
   model, corpus = lm_folder
   batch = CONTEXT * ROWS
   common = [
-    '--config=pythia160m', f'--config.model={model}', f'--config.dataset={corpus}', '--config.hookpoint=layers.0',
-    '--config.d_in=32', '--config.lm_dtype=float32', '--config.num_latents=32', '--config.k=4',
-    f'--config.context_length={CONTEXT}', f'--config.batch_size={batch}', f'--config.num_tokens={batch * 12}',
-    '--config.init_seeds=0,1', '--config.eval_tokens=0', '--config.checkpoint_every=4',
+    '--config=pythia160m',
+    f'--config.model={model}',
+    f'--config.dataset={corpus}',
+    '--config.hookpoint=layers.0',
+    '--config.d_in=32',
+    '--config.lm_dtype=float32',
+    '--config.num_latents=32',
+    '--config.k=4',
+    f'--config.context_length={CONTEXT}',
+    f'--config.batch_size={batch}',
+    f'--config.num_tokens={batch * 12}',
+    '--config.init_seeds=0,1',
+    '--config.eval_tokens=0',
+    '--config.checkpoint_every=4',
   ]
   full, resumed = tmp_path / 'full', tmp_path / 'resumed'
   assert run('experiments.train', f'--workdir={full}', *common).returncode == 0
@@ -84,10 +100,20 @@ def test_two_hookpoints_share_one_forward_and_match_single_runs(lm_folder, tmp_p
   model, corpus = lm_folder
   batch = CONTEXT * ROWS
   common = [
-    '--config=pythia160m', f'--config.model={model}', f'--config.dataset={corpus}', '--config.d_in=32',
-    '--config.lm_dtype=float32', '--config.num_latents=32', '--config.k=4', f'--config.context_length={CONTEXT}',
-    f'--config.batch_size={batch}', f'--config.num_tokens={batch * 10}', '--config.init_seeds=0,1',
-    f'--config.eval_tokens={batch}', '--config.lr=3e-3', '--config.warmup_steps=2',
+    '--config=pythia160m',
+    f'--config.model={model}',
+    f'--config.dataset={corpus}',
+    '--config.d_in=32',
+    '--config.lm_dtype=float32',
+    '--config.num_latents=32',
+    '--config.k=4',
+    f'--config.context_length={CONTEXT}',
+    f'--config.batch_size={batch}',
+    f'--config.num_tokens={batch * 10}',
+    '--config.init_seeds=0,1',
+    f'--config.eval_tokens={batch}',
+    '--config.lr=3e-3',
+    '--config.warmup_steps=2',
   ]
   both, single = tmp_path / 'both', tmp_path / 'single'
   result = run('experiments.train', f'--workdir={both}', *common, '--config.hookpoint=layers.0.mlp,layers.1')

@@ -25,26 +25,66 @@ HOOK_LAYERS = (0, 2)
 
 CONFIGS = {
   'neox_parallel': lambda: transformers.GPTNeoXConfig(
-    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
-    rotary_pct=0.25, use_parallel_residual=True, max_position_embeddings=64,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=128,
+    rotary_pct=0.25,
+    use_parallel_residual=True,
+    max_position_embeddings=64,
   ),
   'neox_sequential': lambda: transformers.GPTNeoXConfig(
-    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
-    rotary_pct=0.5, rotary_emb_base=500.0, use_parallel_residual=False, max_position_embeddings=64,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=128,
+    rotary_pct=0.5,
+    rotary_emb_base=500.0,
+    use_parallel_residual=False,
+    max_position_embeddings=64,
   ),
   'gpt2': lambda: transformers.GPT2Config(
-    vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=64, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
+    vocab_size=VOCAB,
+    n_embd=64,
+    n_layer=3,
+    n_head=4,
+    n_positions=64,
+    bos_token_id=VOCAB - 1,
+    eos_token_id=VOCAB - 1,
   ),
   'llama_gqa_untied': lambda: transformers.LlamaConfig(
-    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=24, intermediate_size=128, rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=64,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=24,
+    intermediate_size=128,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    max_position_embeddings=64,
   ),
   # llama3 scaling with a short original context, so every band (kept, smoothed, divided) is exercised.
   'llama3_tied': lambda: transformers.LlamaConfig(
-    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
-    intermediate_size=128, tie_word_embeddings=True, attention_bias=True, max_position_embeddings=64,
-    rope_parameters={'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 8.0, 'low_freq_factor': 1.0,
-                     'high_freq_factor': 4.0, 'original_max_position_embeddings': 16},
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    intermediate_size=128,
+    tie_word_embeddings=True,
+    attention_bias=True,
+    max_position_embeddings=64,
+    rope_parameters={
+      'rope_type': 'llama3',
+      'rope_theta': 500000.0,
+      'factor': 8.0,
+      'low_freq_factor': 1.0,
+      'high_freq_factor': 4.0,
+      'original_max_position_embeddings': 16,
+    },
   ),
 }
 MODEL_CLASSES = {'neox': 'GPTNeoXForCausalLM', 'gpt2': 'GPT2LMHeadModel', 'llama': 'LlamaForCausalLM'}
@@ -150,17 +190,33 @@ def test_hookpoints_and_logits_match_transformers(saved, name):
 
 
 def test_hub_config_spellings_read_like_transformers5():
-  hub_neox = {'model_type': 'gpt_neox', 'vocab_size': 50304, 'hidden_size': 768, 'num_hidden_layers': 12,
-              'num_attention_heads': 12, 'intermediate_size': 3072, 'rotary_pct': 0.25, 'rotary_emb_base': 10000}
-  v5_neox = {**{k: v for k, v in hub_neox.items() if not k.startswith('rotary')},
-             'rope_parameters': {'partial_rotary_factor': 0.25, 'rope_theta': 10000.0, 'rope_type': 'default'}}
+  hub_neox = {
+    'model_type': 'gpt_neox',
+    'vocab_size': 50304,
+    'hidden_size': 768,
+    'num_hidden_layers': 12,
+    'num_attention_heads': 12,
+    'intermediate_size': 3072,
+    'rotary_pct': 0.25,
+    'rotary_emb_base': 10000,
+  }
+  v5_neox = {
+    **{k: v for k, v in hub_neox.items() if not k.startswith('rotary')},
+    'rope_parameters': {'partial_rotary_factor': 0.25, 'rope_theta': 10000.0, 'rope_type': 'default'},
+  }
   assert models.from_hf_config(hub_neox) == models.from_hf_config(v5_neox)
   assert models.from_hf_config(hub_neox).rope.dim == 16
-  scaling = {'factor': 32.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
-             'original_max_position_embeddings': 8192}
-  base = {'model_type': 'llama', 'vocab_size': 128256, 'hidden_size': 2048, 'num_hidden_layers': 16,
-          'num_attention_heads': 32, 'num_key_value_heads': 8, 'intermediate_size': 8192,
-          'max_position_embeddings': 131072}
+  scaling = {'factor': 32.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}
+  base = {
+    'model_type': 'llama',
+    'vocab_size': 128256,
+    'hidden_size': 2048,
+    'num_hidden_layers': 16,
+    'num_attention_heads': 32,
+    'num_key_value_heads': 8,
+    'intermediate_size': 8192,
+    'max_position_embeddings': 131072,
+  }
   hub_llama = {**base, 'rope_theta': 500000.0, 'rope_scaling': {**scaling, 'rope_type': 'llama3'}}
   v5_llama = {**base, 'rope_parameters': {**scaling, 'rope_type': 'llama3', 'rope_theta': 500000.0}}
   assert models.from_hf_config(hub_llama) == models.from_hf_config(v5_llama)

@@ -29,9 +29,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1, 2)
 BATCH, STEPS = 256, 10
 TINY = (
-  '--config=synthetic', '--config.d_in=16', '--config.num_features=48', '--config.num_latents=64', '--config.k=4',
-  f'--config.batch_size={BATCH}', f'--config.init_seeds={",".join(map(str, SEEDS))}', '--config.mesh_data=4',
-  '--config.mesh_model=2', '--config.log_every=5', '--config.checkpoint_every=5',
+  '--config=synthetic',
+  '--config.d_in=16',
+  '--config.num_features=48',
+  '--config.num_latents=64',
+  '--config.k=4',
+  f'--config.batch_size={BATCH}',
+  f'--config.init_seeds={",".join(map(str, SEEDS))}',
+  '--config.mesh_data=4',
+  '--config.mesh_model=2',
+  '--config.log_every=5',
+  '--config.checkpoint_every=5',
 )
 DEADLINE_S = 150
 # Cluster variables of a CI runner would make the single-process reference auto-initialise jax.distributed.
@@ -61,8 +69,14 @@ class Processes:
 
   def start(self, name: str, args: list[str], devices: int) -> subprocess.Popen:
     log = open(self.log_dir / f'{name}.log', 'w')  # noqa: SIM115 - closed by kill()
-    proc = subprocess.Popen([sys.executable, '-m', 'experiments.train', *args], cwd=ROOT, env=env_with_devices(devices),
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+      [sys.executable, '-m', 'experiments.train', *args],
+      cwd=ROOT,
+      env=env_with_devices(devices),
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
     self.running[name] = (proc, log)
     return proc
 
@@ -112,8 +126,13 @@ def processes(tmp_path):
 
 
 def multihost_args(workdir, port: int, process_id: int, num_processes: int = 2) -> list[str]:
-  return [f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={num_processes}',
-          f'--process_id={process_id}', f'--coordinator_bind_address=127.0.0.1:{port}']
+  return [
+    f'--workdir={workdir}',
+    f'--coordinator_address=127.0.0.1:{port}',
+    f'--num_processes={num_processes}',
+    f'--process_id={process_id}',
+    f'--coordinator_bind_address=127.0.0.1:{port}',
+  ]
 
 
 def run_files(workdir) -> set[str]:
@@ -175,8 +194,13 @@ def test_initialize_refuses_incomplete_settings(clean_env):
 
 
 def test_cluster_detection(clean_env):
-  slurm = {'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'node[1-2]', 'SLURM_NTASKS': '2', 'SLURM_PROCID': '0',
-           'SLURM_LOCALID': '0'}
+  slurm = {
+    'SLURM_JOB_ID': '7',
+    'SLURM_STEP_NODELIST': 'node[1-2]',
+    'SLURM_NTASKS': '2',
+    'SLURM_PROCID': '0',
+    'SLURM_LOCALID': '0',
+  }
   for name, value in slurm.items():
     clean_env.setenv(name, value)
   assert distributed.detect_cluster() == 'slurm'
@@ -196,9 +220,14 @@ def test_cluster_detection(clean_env):
 @pytest.mark.slow
 def test_cli_num_processes_without_coordinator_exits_2(tmp_path):
   workdir = tmp_path / 'run'
-  result = subprocess.run([sys.executable, '-m', 'experiments.train', *TINY, f'--workdir={workdir}',
-                           '--num_processes=2', '--process_id=0'], cwd=ROOT, env=env_with_devices(4),
-                          capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, '-m', 'experiments.train', *TINY, f'--workdir={workdir}', '--num_processes=2', '--process_id=0'],
+    cwd=ROOT,
+    env=env_with_devices(4),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 2, result.stderr[-3000:]
   assert result.stderr.strip().startswith('error: multi-host start-up failed') and 'coordinator' in result.stderr
   assert 'Traceback' not in result.stderr and not workdir.exists()

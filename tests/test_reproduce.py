@@ -14,9 +14,14 @@ from saejax.config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLAIMS = (
-  'a permuted copy is 100% shared', 'the matched-cosine distribution is bimodal', 'more latents -> less sharing',
-  'larger k -> less sharing', 'longer training -> more sharing', 'ReLU+L1 and Gated are more stable than TopK',
-  'frequently firing latents are shared more often', 'unique-vs-seeds fits a power law with offset',
+  'a permuted copy is 100% shared',
+  'the matched-cosine distribution is bimodal',
+  'more latents -> less sharing',
+  'larger k -> less sharing',
+  'longer training -> more sharing',
+  'ReLU+L1 and Gated are more stable than TopK',
+  'frequently firing latents are shared more often',
+  'unique-vs-seeds fits a power law with offset',
   'shared latents match true features better than orphans',
 )
 
@@ -24,8 +29,14 @@ CLAIMS = (
 @pytest.mark.slow
 def test_quick_reproduction_reports_every_claim(tmp_path):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
-  result = subprocess.run([sys.executable, '-m', 'experiments.reproduce', '--quick', f'--out={tmp_path}'], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+  result = subprocess.run(
+    [sys.executable, '-m', 'experiments.reproduce', '--quick', f'--out={tmp_path}'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   claims = json.loads((tmp_path / 'claims.json').read_text())
   names = [c['claim'] for c in claims]
@@ -46,8 +57,10 @@ def test_quick_reproduction_reports_every_claim(tmp_path):
 
 def _curve(coefficients, l0s):
   """A measured L0(coefficient) curve, interpolated in log-log like the real runs behave between points."""
+
   def measure(config):
     return float(np.exp(np.interp(np.log(config.l1_coefficient), np.log(coefficients), np.log(l0s))))
+
   return measure
 
 

@@ -21,11 +21,18 @@ BATCH = 128
 # 25 checkpoints of ~0.1 s each leave a window of seconds between the first checkpoint and the end of the run.
 STEPS = 100
 FLAGS = (
-  '--config=synthetic', '--config.d_in=16', '--config.num_features=64', '--config.num_latents=64', '--config.k=4',
-  f'--config.batch_size={BATCH}', f'--config.num_tokens={BATCH * STEPS}',
+  '--config=synthetic',
+  '--config.d_in=16',
+  '--config.num_features=64',
+  '--config.num_latents=64',
+  '--config.k=4',
+  f'--config.batch_size={BATCH}',
+  f'--config.num_tokens={BATCH * STEPS}',
   f'--config.init_seeds={",".join(map(str, SEEDS))}',
   # log_every does not divide checkpoint_every, so a killed run has logged steps past its last checkpoint.
-  '--config.checkpoint_every=4', '--config.log_every=3', '--config.warmup_steps=5',
+  '--config.checkpoint_every=4',
+  '--config.log_every=3',
+  '--config.warmup_steps=5',
 )
 PER_SEED_KEYS = ('fvu', 'l0', 'dead_fraction', 'loss', 'grad_norm')
 TIMEOUT = 120

@@ -84,8 +84,12 @@ def test_staged_dir_publishes_whole_folders_and_keeps_the_old_one_on_failure(fol
 
 def test_sae_export_round_trips(folder):
   rng = np.random.default_rng(0)
-  params = {'W_enc': rng.normal(size=(32, 8)), 'b_enc': rng.normal(size=32), 'W_dec': rng.normal(size=(32, 8)),
-            'b_dec': rng.normal(size=8)}
+  params = {
+    'W_enc': rng.normal(size=(32, 8)),
+    'b_enc': rng.normal(size=32),
+    'W_dec': rng.normal(size=(32, 8)),
+    'b_dec': rng.normal(size=8),
+  }
   sizes = {'arch': 'topk', 'k': 4, 'd_in': 8, 'num_latents': 32}
   for save in (formats.save_eleuther, formats.save_saelens):
     where = storage.join(folder, save.__name__)
@@ -120,9 +124,17 @@ def test_unusable_storage_is_one_clear_error(monkeypatch):
 
 BATCH, STEPS, SEEDS = 128, 60, (0, 1)
 TRAIN_FLAGS = (
-  '--config=synthetic', '--config.d_in=16', '--config.num_features=64', '--config.num_latents=64', '--config.k=4',
-  f'--config.batch_size={BATCH}', f'--config.num_tokens={BATCH * STEPS}', '--config.init_seeds=0,1',
-  '--config.checkpoint_every=10', '--config.log_every=5', '--config.warmup_steps=5',
+  '--config=synthetic',
+  '--config.d_in=16',
+  '--config.num_features=64',
+  '--config.num_latents=64',
+  '--config.k=4',
+  f'--config.batch_size={BATCH}',
+  f'--config.num_tokens={BATCH * STEPS}',
+  '--config.init_seeds=0,1',
+  '--config.checkpoint_every=10',
+  '--config.log_every=5',
+  '--config.warmup_steps=5',
 )
 TIMEOUT = 180
 
@@ -132,8 +144,9 @@ def _env(gcs: dict[str, str]) -> dict[str, str]:
 
 
 def _run(env, *args) -> subprocess.CompletedProcess:
-  result = subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+  result = subprocess.run(
+    [sys.executable, '-m', *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
@@ -141,8 +154,13 @@ def _run(env, *args) -> subprocess.CompletedProcess:
 def _stop_after_first_checkpoint(env, workdir: str, log_path) -> None:
   """Starts training, sends SIGTERM once a checkpoint is in the bucket, and checks it stopped cleanly early."""
   with open(log_path, 'w') as log:
-    process = subprocess.Popen([sys.executable, '-m', 'experiments.train', *TRAIN_FLAGS, f'--workdir={workdir}'],
-                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+      [sys.executable, '-m', 'experiments.train', *TRAIN_FLAGS, f'--workdir={workdir}'],
+      cwd=ROOT,
+      env=env,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+    )
   deadline = time.monotonic() + TIMEOUT
   while not any(name.isdigit() for name in storage.listdir(storage.join(workdir, 'checkpoints'))):
     if process.poll() is not None or time.monotonic() > deadline:

@@ -11,13 +11,19 @@ from experiments.ablations import SWEEPS
 from tests.tiny_lm import make_tiny_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-       'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
+ENV = {
+  **os.environ,
+  'JAX_PLATFORMS': 'cpu',
+  'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+  'HF_HUB_OFFLINE': '1',
+  'HF_DATASETS_OFFLINE': '1',
+}
 
 
 def run(module, *args):
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                        timeout=900)
+  return subprocess.run(
+    [sys.executable, '-m', module, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
+  )
 
 
 def test_every_sweep_prints_a_train_and_an_align_command_per_run():
@@ -39,12 +45,25 @@ def test_every_sweep_prints_a_train_and_an_align_command_per_run():
 @pytest.mark.slow
 def test_architecture_sweep_runs_locally_and_plots(tmp_path):
   model, corpus = make_tiny_lm(tmp_path)
-  sets = [f'model={model}', f'dataset={corpus}', 'hookpoint=layers.1.mlp', 'd_in=32', 'lm_dtype=float32',
-          'num_latents=32', 'k=4', 'context_length=17', 'batch_size=136', 'num_tokens=2720', 'init_seeds=0,1,2',
-          'eval_tokens=136', 'warmup_steps=2']
+  sets = [
+    f'model={model}',
+    f'dataset={corpus}',
+    'hookpoint=layers.1.mlp',
+    'd_in=32',
+    'lm_dtype=float32',
+    'num_latents=32',
+    'k=4',
+    'context_length=17',
+    'batch_size=136',
+    'num_tokens=2720',
+    'init_seeds=0,1,2',
+    'eval_tokens=136',
+    'warmup_steps=2',
+  ]
   root = tmp_path / 'runs'
-  result = run('experiments.sweep', '--sweep=fig5_arch', '--mode=local', f'--root={root}',
-               *[f'--set={item}' for item in sets])
+  result = run(
+    'experiments.sweep', '--sweep=fig5_arch', '--mode=local', f'--root={root}', *[f'--set={item}' for item in sets]
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   for arch in ('topk', 'gated', 'relu'):
     config = json.loads((root / 'fig5_arch' / arch / 'config.json').read_text())
@@ -69,8 +88,19 @@ shift
 exec "$PYTHON" "$@"
 """
 # fig5_arch's three runs, made tiny by training on synthetic data instead of GPT-2.
-SYNTHETIC_SETS = ['source=synthetic', 'hookpoint=synthetic', 'd_in=16', 'num_features=32', 'num_latents=32', 'k=4',
-                  'batch_size=256', 'num_tokens=5120', 'init_seeds=0,1', 'warmup_steps=2', 'lr=3e-3']
+SYNTHETIC_SETS = [
+  'source=synthetic',
+  'hookpoint=synthetic',
+  'd_in=16',
+  'num_features=32',
+  'num_latents=32',
+  'k=4',
+  'batch_size=256',
+  'num_tokens=5120',
+  'init_seeds=0,1',
+  'warmup_steps=2',
+  'lr=3e-3',
+]
 
 
 @pytest.mark.slow
@@ -81,8 +111,17 @@ def test_pod_sweep_babysits_each_run_in_turn_and_skips_finished_ones(tmp_path):
   (launch_dir / 'babysit.sh').chmod(0o755)
   calls, root = tmp_path / 'calls', tmp_path / 'runs'
   env = {**ENV, 'CALLS': str(calls), 'PYTHON': sys.executable}
-  args = [sys.executable, '-m', 'experiments.sweep', '--sweep=fig5_arch', '--mode=pod', f'--root={root}',
-          f'--launch_dir={launch_dir}', '--babysit=--max-restarts=3', *[f'--set={item}' for item in SYNTHETIC_SETS]]
+  args = [
+    sys.executable,
+    '-m',
+    'experiments.sweep',
+    '--sweep=fig5_arch',
+    '--mode=pod',
+    f'--root={root}',
+    f'--launch_dir={launch_dir}',
+    '--babysit=--max-restarts=3',
+    *[f'--set={item}' for item in SYNTHETIC_SETS],
+  ]
 
   def sweep(**extra_env):
     return subprocess.run(args, cwd=ROOT, env={**env, **extra_env}, capture_output=True, text=True, timeout=900)
@@ -99,7 +138,7 @@ def test_pod_sweep_babysits_each_run_in_turn_and_skips_finished_ones(tmp_path):
 
   result = sweep()
   assert result.returncode == 0, result.stderr[-3000:]
-  again = calls.read_text().splitlines()[len(first):]
+  again = calls.read_text().splitlines()[len(first) :]
   assert [line.split()[1] for line in again] == ['fig5_arch.gated', 'fig5_arch.relu']  # topk was done
   for arch in ('topk', 'gated', 'relu'):
     assert json.loads((root / 'fig5_arch' / arch / 'config.json').read_text())['arch'] == arch

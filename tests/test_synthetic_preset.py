@@ -18,7 +18,11 @@ def test_synthetic_preset_learns_the_true_features(tmp_path):
   workdir = tmp_path / 'synthetic'
   result = subprocess.run(
     [sys.executable, '-m', 'experiments.train', '--config=synthetic', f'--workdir={workdir}'],
-    cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((workdir / 'summary.json').read_text())

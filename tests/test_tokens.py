@@ -13,8 +13,22 @@ from saejax.data.memmap import MemmapTokenStream  # noqa: E402
 from saejax.data.text import TextTokenStream  # noqa: E402
 from saejax.data.tokens import StreamExhaustedError, open_token_stream, token_mask  # noqa: E402
 
-WORDS = ['the', 'a', 'sparse', 'autoencoder', 'latent', 'feature', 'model', 'token', 'layer', 'seed', 'dictionary',
-         'matches', 'across', 'runs']
+WORDS = [
+  'the',
+  'a',
+  'sparse',
+  'autoencoder',
+  'latent',
+  'feature',
+  'model',
+  'token',
+  'layer',
+  'seed',
+  'dictionary',
+  'matches',
+  'across',
+  'runs',
+]
 EOS = 0  # '<|endoftext|>' is the tokenizer's first special token
 
 
@@ -42,15 +56,21 @@ def corpus(tmp_path_factory):
   tokenizer = Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=['<|endoftext|>'],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+    vocab_size=300, special_tokens=['<|endoftext|>'], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+  )
   tokenizer.train_from_iterator(_documents(200, seed=1), trainer)
   model = root / 'model'
   model.mkdir()
   tokenizer.save(str(model / 'tokenizer.json'))
   docs = _documents(60, seed=2)
-  return {'root': root, 'model': str(model), 'tokenizer': tokenizer, 'docs': docs,
-          'jsonl': _write_jsonl(root / 'corpus.jsonl', docs)}
+  return {
+    'root': root,
+    'model': str(model),
+    'tokenizer': tokenizer,
+    'docs': docs,
+    'jsonl': _write_jsonl(root / 'corpus.jsonl', docs),
+  }
 
 
 def _expected_tokens(corpus, docs):
@@ -72,7 +92,7 @@ def test_text_chunks_are_eos_joined_documents_cut_into_sequences(corpus):
   batches = list(stream)
   assert all(b.shape == (1, 16) and b.dtype == np.int32 for b in batches)
   assert len(batches) == len(expected) // 16  # the last partial sequence is dropped
-  np.testing.assert_array_equal(np.concatenate(batches), expected[:len(batches) * 16].reshape(-1, 16))
+  np.testing.assert_array_equal(np.concatenate(batches), expected[: len(batches) * 16].reshape(-1, 16))
   with pytest.raises(StreamExhaustedError):
     stream.next_batch()
 
@@ -107,12 +127,16 @@ def test_text_folder_is_read_in_file_order_and_shuffle_needs_a_seed(corpus, tmp_
   _write_jsonl(tmp_path / 'a.jsonl', docs[:30])
   expected = _expected_tokens(corpus, docs)
   stream = TextTokenStream(str(tmp_path), corpus['model'], 2, 8, process_index=0, process_count=1)
-  np.testing.assert_array_equal(np.concatenate(list(stream)).reshape(-1), expected[:stream.position * 16])
-  shuffled = [TextTokenStream(str(tmp_path), corpus['model'], 2, 8, shuffle_seed=3, shuffle_buffer=16,
-                              process_index=0, process_count=1) for _ in range(2)]
+  np.testing.assert_array_equal(np.concatenate(list(stream)).reshape(-1), expected[: stream.position * 16])
+  shuffled = [
+    TextTokenStream(
+      str(tmp_path), corpus['model'], 2, 8, shuffle_seed=3, shuffle_buffer=16, process_index=0, process_count=1
+    )
+    for _ in range(2)
+  ]
   first, second = (np.concatenate([s.next_batch() for _ in range(6)]) for s in shuffled)
   np.testing.assert_array_equal(first, second)
-  assert not np.array_equal(first.reshape(-1), expected[:first.size])
+  assert not np.array_equal(first.reshape(-1), expected[: first.size])
 
 
 def test_text_file_builder_reads_lines_as_documents(corpus, tmp_path):
@@ -122,7 +146,7 @@ def test_text_file_builder_reads_lines_as_documents(corpus, tmp_path):
   stream = TextTokenStream(str(path), corpus['model'], 1, 10, eos_id=5, process_index=0, process_count=1)
   expected = np.concatenate([corpus['tokenizer'].encode(d).ids + [5] for d in lines]).astype(np.int32)
   batches = list(stream)
-  np.testing.assert_array_equal(np.concatenate(batches).reshape(-1), expected[:len(batches) * 10])
+  np.testing.assert_array_equal(np.concatenate(batches).reshape(-1), expected[: len(batches) * 10])
 
 
 def _write_bin(path, rows_NxL):
@@ -152,8 +176,7 @@ def test_memmap_npy_files_in_sequence_and_truncated_rows(tmp_path):
   rows_NxL = np.arange(7 * 12, dtype=np.int32).reshape(7, 12)
   np.save(tmp_path / 'a.npy', rows_NxL[:3].astype(np.uint16))
   np.save(tmp_path / 'b.npy', rows_NxL[3:])
-  stream = open_token_stream([str(tmp_path / 'a.npy'), str(tmp_path / 'b.npy')], 2, 5, process_index=0,
-                             process_count=1)
+  stream = open_token_stream([str(tmp_path / 'a.npy'), str(tmp_path / 'b.npy')], 2, 5, process_index=0, process_count=1)
   assert isinstance(stream, MemmapTokenStream) and stream.num_batches == 3
   np.testing.assert_array_equal(stream.batch_at(1), rows_NxL[2:4, :5])  # spans the two files
   np.testing.assert_array_equal(np.concatenate(list(stream)), rows_NxL[:6, :5])

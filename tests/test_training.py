@@ -13,8 +13,18 @@ from saejax.config import TrainConfig
 from saejax.train.trainer import train_in_memory
 
 TINY = TrainConfig(
-  d_in=16, num_features=48, feature_max_firing_prob=0.2, feature_firing_exponent=0.5, num_latents=64, k=4,
-  batch_size=256, num_tokens=256 * 100, lr=3e-3, warmup_steps=5, init_seeds=(0, 1), dead_tokens=10_000,
+  d_in=16,
+  num_features=48,
+  feature_max_firing_prob=0.2,
+  feature_firing_exponent=0.5,
+  num_latents=64,
+  k=4,
+  batch_size=256,
+  num_tokens=256 * 100,
+  lr=3e-3,
+  warmup_steps=5,
+  init_seeds=(0, 1),
+  dead_tokens=10_000,
   kernel_chunk_tokens=16,
 )
 SINGLE = shd.make_mesh(1, 1, jax.devices()[:1])

@@ -7,8 +7,22 @@ import numpy as np
 
 from saejax.models.random_checkpoint import write_random_neox
 
-WORDS = ['the', 'a', 'sparse', 'autoencoder', 'latent', 'feature', 'model', 'token', 'layer', 'seed', 'dictionary',
-         'matches', 'across', 'runs']
+WORDS = [
+  'the',
+  'a',
+  'sparse',
+  'autoencoder',
+  'latent',
+  'feature',
+  'model',
+  'token',
+  'layer',
+  'seed',
+  'dictionary',
+  'matches',
+  'across',
+  'runs',
+]
 
 
 def make_tiny_lm(root):
@@ -20,11 +34,23 @@ def make_tiny_lm(root):
   tokenizer = Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()
-  tokenizer.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=['<|endoftext|>'],
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tokenizer.train_from_iterator(
+    docs,
+    trainers.BpeTrainer(
+      vocab_size=300, special_tokens=['<|endoftext|>'], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    ),
+  )
   model = root / 'tiny-neox'
-  write_random_neox(str(model), dtype=np.float32, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                    intermediate_size=64, vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=64)
+  write_random_neox(
+    str(model),
+    dtype=np.float32,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    vocab_size=tokenizer.get_vocab_size(),
+    max_position_embeddings=64,
+  )
   tokenizer.save(str(model / 'tokenizer.json'))
   corpus = root / 'corpus.jsonl'
   corpus.write_text(''.join(json.dumps({'text': doc}) + '\n' for doc in docs))
@@ -38,9 +64,22 @@ def tiny_train_args(model, corpus, workdir) -> list[str]:
   """`experiments.train` arguments of the standard tiny LM run: 3 seeds, 40 steps, layers.1.mlp, eval at the end."""
   batch = CONTEXT * ROWS
   return [
-    '--config=pythia160m', f'--workdir={workdir}', f'--config.model={model}', f'--config.dataset={corpus}',
-    '--config.hookpoint=layers.1.mlp', '--config.d_in=32', '--config.lm_dtype=float32', '--config.num_latents=64',
-    '--config.k=4', f'--config.context_length={CONTEXT}', f'--config.batch_size={batch}',
-    f'--config.num_tokens={batch * 40}', '--config.init_seeds=0,1,2', '--config.lr=3e-3', '--config.warmup_steps=5',
-    f'--config.eval_tokens={batch * 2}', '--config.log_every=10', '--config.checkpoint_every=20',
+    '--config=pythia160m',
+    f'--workdir={workdir}',
+    f'--config.model={model}',
+    f'--config.dataset={corpus}',
+    '--config.hookpoint=layers.1.mlp',
+    '--config.d_in=32',
+    '--config.lm_dtype=float32',
+    '--config.num_latents=64',
+    '--config.k=4',
+    f'--config.context_length={CONTEXT}',
+    f'--config.batch_size={batch}',
+    f'--config.num_tokens={batch * 40}',
+    '--config.init_seeds=0,1,2',
+    '--config.lr=3e-3',
+    '--config.warmup_steps=5',
+    f'--config.eval_tokens={batch * 2}',
+    '--config.log_every=10',
+    '--config.checkpoint_every=20',
   ]

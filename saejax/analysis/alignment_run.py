@@ -124,7 +124,8 @@ def run_alignment(
   summary = _summary(result, method)
   if true_features is not None:
     summary['seeds']['ground_truth_recovery'] = ground_truth.recovery_by_sharing(
-      true_features, {name: sae['W_dec'] for name, sae in saes.items()}, result.masks)
+      true_features, {name: sae['W_dec'] for name, sae in saes.items()}, result.masks
+    )
   # summary.json marks a complete alignment: it is published last (sweeps wait for it).
   with storage.staged_dir(out_dir, complete_marker='summary.json') as staging:
     os.makedirs(os.path.join(staging, 'pairs'))

@@ -30,13 +30,14 @@ class Claim:
 
 
 def _saes(params) -> dict[str, dict[str, np.ndarray]]:
-  return {f'seed{i}': {'W_enc': params['W_enc'][i], 'W_dec': params['W_dec'][i]}
-          for i in range(params['W_dec'].shape[0])}
+  return {
+    f'seed{i}': {'W_enc': params['W_enc'][i], 'W_dec': params['W_dec'][i]} for i in range(params['W_dec'].shape[0])
+  }
 
 
 def _tail_per_seed(history: list[dict[str, np.ndarray]], field: str) -> np.ndarray:
   """Per-seed mean over the last 5% of steps: one batch's L0 moves by about 5% from step to step."""
-  tail = history[-max(1, len(history) // 20):]
+  tail = history[-max(1, len(history) // 20) :]
   return np.mean([step[field] for step in tail], axis=0)
 
 
@@ -49,8 +50,12 @@ def shared_fraction(config: TrainConfig) -> tuple[float, dict]:
   params, history = train_in_memory(dataclasses.replace(config, init_seeds=(0, 1)))
   saes = _saes(params)
   pair = analyse_pair(saes['seed0'], saes['seed1'])
-  summary = {**pair.summary, 'l0': tail_mean(history, 'l0'), 'fvu': tail_mean(history, 'fvu'),
-             'l0_per_seed': [float(l0) for l0 in _tail_per_seed(history, 'l0')]}
+  summary = {
+    **pair.summary,
+    'l0': tail_mean(history, 'l0'),
+    'fvu': tail_mean(history, 'fvu'),
+    'l0_per_seed': [float(l0) for l0 in _tail_per_seed(history, 'l0')],
+  }
   return pair.summary['shared_fraction'], summary
 
 
@@ -69,8 +74,11 @@ def permuted_copy(base: TrainConfig) -> Claim:
   pair = analyse_pair(sae, {name: value[perm] for name, value in sae.items()})
   exact = bool(np.array_equal(perm[pair.enc_partner], np.arange(len(perm))))
   fraction = pair.summary['shared_fraction']
-  return Claim('a permuted copy is 100% shared', f'shared {fraction:.3f}, inverse permutation recovered: {exact}',
-               fraction == 1.0 and exact)
+  return Claim(
+    'a permuted copy is 100% shared',
+    f'shared {fraction:.3f}, inverse permutation recovered: {exact}',
+    fraction == 1.0 and exact,
+  )
 
 
 def bimodality(base: TrainConfig) -> Claim:
@@ -81,8 +89,12 @@ def bimodality(base: TrainConfig) -> Claim:
   n = len(cos)
   skew, kurt = stats.skew(cos), stats.kurtosis(cos)
   coefficient = (skew**2 + 1) / (kurt + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3)))
-  return Claim('the matched-cosine distribution is bimodal', f'bimodality coefficient {coefficient:.3f} (> 0.555)',
-               bool(coefficient > 5 / 9), {'coefficient': float(coefficient)})
+  return Claim(
+    'the matched-cosine distribution is bimodal',
+    f'bimodality coefficient {coefficient:.3f} (> 0.555)',
+    bool(coefficient > 5 / 9),
+    {'coefficient': float(coefficient)},
+  )
 
 
 def seeds_and_frequency(base: TrainConfig, num_seeds: int, firing_tokens: int) -> tuple[Claim, Claim, Claim, dict]:
@@ -96,22 +108,32 @@ def seeds_and_frequency(base: TrainConfig, num_seeds: int, firing_tokens: int) -
   params, _ = train_in_memory(config)
   result = analyse_seeds(_saes(params), progress=False)
   source = data.make_source(config, shd.batch_sharding(shd.make_mesh()))
-  counts, tokens = firing.count_firing(params, sae_lib.SaeSpec.from_config(config), source, firing_tokens,
-                                       start_position=config.num_steps, progress=False)
+  counts, tokens = firing.count_firing(
+    params, sae_lib.SaeSpec.from_config(config), source, firing_tokens, start_position=config.num_steps, progress=False
+  )
   base_mask = result.masks['seed0']
   n_shared = np.array([bin(int(m)).count('1') for m in base_mask])
   rho = stats.spearmanr(counts[0], n_shared).statistic
-  frequency = Claim('frequently firing latents are shared more often',
-                    f'Spearman(firing count, seeds sharing) = {rho:+.2f} over {tokens} tokens', bool(rho > 0.2))
+  frequency = Claim(
+    'frequently firing latents are shared more often',
+    f'Spearman(firing count, seeds sharing) = {rho:+.2f} over {tokens} tokens',
+    bool(rho > 0.2),
+  )
   k_values = sorted(result.unique_fraction_by_k)
   fitted = fits.fit_unique_fraction(k_values, [result.unique_fraction_by_k[k] for k in k_values])
   aics = {name: model['aic'] for name, model in fitted['models'].items() if model.get('error') is None}
   offset_better = 'power_offset' in aics and 'power' in aics and aics['power_offset'] < aics['power']
-  curve = Claim('unique-vs-seeds fits a power law with offset better than without',
-                ', '.join(f'AIC {name} {value:.1f}' for name, value in aics.items()), bool(offset_better),
-                {'unique_fraction_by_k': {str(k): result.unique_fraction_by_k[k] for k in k_values}})
-  recovery = _recovery_claim(ground_truth.recovery_by_sharing(
-    source.features_FxD, {name: params['W_dec'][i] for i, name in enumerate(result.names)}, result.masks))
+  curve = Claim(
+    'unique-vs-seeds fits a power law with offset better than without',
+    ', '.join(f'AIC {name} {value:.1f}' for name, value in aics.items()),
+    bool(offset_better),
+    {'unique_fraction_by_k': {str(k): result.unique_fraction_by_k[k] for k in k_values}},
+  )
+  recovery = _recovery_claim(
+    ground_truth.recovery_by_sharing(
+      source.features_FxD, {name: params['W_dec'][i] for i, name in enumerate(result.names)}, result.masks
+    )
+  )
   return frequency, curve, recovery, {'exactly_in_n': result.exactly_in_n}
 
 
@@ -122,10 +144,14 @@ def _recovery_claim(recovery: dict[str, Any]) -> Claim:
   holds = None if shared is None or orphan is None else bool(shared > orphan)
   true_shared = ground_truth.mean_over_seeds(recovery, 'true_fraction_shared')
   true_orphan = ground_truth.mean_over_seeds(recovery, 'true_fraction_orphan')
-  return Claim('shared latents match true features better than orphans (ground truth; not in the paper)',
-               f'mean best cosine to a true feature: shared {_cell(shared)}, orphan {_cell(orphan)}; '
-               f'true features at cos >= {recovery["threshold"]}: shared {_cell(true_shared)}, '
-               f'orphan {_cell(true_orphan)} (per seed: report table)', holds, {'recovery': recovery})
+  return Claim(
+    'shared latents match true features better than orphans (ground truth; not in the paper)',
+    f'mean best cosine to a true feature: shared {_cell(shared)}, orphan {_cell(orphan)}; '
+    f'true features at cos >= {recovery["threshold"]}: shared {_cell(true_shared)}, '
+    f'orphan {_cell(true_orphan)} (per seed: report table)',
+    holds,
+    {'recovery': recovery},
+  )
 
 
 def _cell(value: float | None) -> str:
@@ -150,6 +176,7 @@ L0_FLOOR = 0.1
 @dataclasses.dataclass(frozen=True)
 class Calibration:
   """The L1 coefficient whose one-seed L0 came closest to the target, and every (coefficient, L0) tried."""
+
   coefficient: float
   l0: float
   trace: tuple[tuple[float, float], ...]
@@ -247,20 +274,37 @@ def l1_vs_topk(base: TrainConfig) -> Claim:
   for arch in ('relu', 'gated'):
     calibration = calibrate_l1_coefficient(dataclasses.replace(base, arch=arch), topk['l0'])
     fraction, summary = shared_fraction(dataclasses.replace(base, arch=arch, l1_coefficient=calibration.coefficient))
-    rows[arch] = {'shared': fraction, 'l0': summary['l0'], 'l0_per_seed': summary['l0_per_seed'],
-                  'fvu': summary['fvu'], 'l1_coefficient': calibration.coefficient,
-                  'calibration_l0': calibration.l0, 'calibration_trace': [list(run) for run in calibration.trace]}
+    rows[arch] = {
+      'shared': fraction,
+      'l0': summary['l0'],
+      'l0_per_seed': summary['l0_per_seed'],
+      'fvu': summary['fvu'],
+      'l1_coefficient': calibration.coefficient,
+      'calibration_l0': calibration.l0,
+      'calibration_trace': [list(run) for run in calibration.trace],
+    }
     if not calibration.matched:
-      problems.append(f'{arch}: calibration reached L0 {calibration.l0:.1f} at best in {len(calibration.trace)} runs '
-                      f'({_trace_text(calibration)})')
+      problems.append(
+        f'{arch}: calibration reached L0 {calibration.l0:.1f} at best in {len(calibration.trace)} runs '
+        f'({_trace_text(calibration)})'
+      )
     elif not within(summary['l0'], topk['l0'], MATCHED_L0_TOLERANCE):
       problems.append(f'{arch}: two-seed L0 {summary["l0"]:.1f} not within {MATCHED_L0_TOLERANCE:.0%} of TopK')
   holds = all(rows[arch]['shared'] > topk_fraction for arch in ('relu', 'gated'))
   measured = '; '.join(
     [f'topk: shared {topk_fraction:.3f} at L0 {topk["l0"]:.1f}']
-    + [f'{arch} (L1 {row["l1_coefficient"]:.3g}, calibrated in {len(row["calibration_trace"])} runs): '
-       f'shared {row["shared"]:.3f} at L0 {row["l0"]:.1f}' for arch, row in rows.items() if arch != 'topk'])
+    + [
+      f'{arch} (L1 {row["l1_coefficient"]:.3g}, calibrated in {len(row["calibration_trace"])} runs): '
+      f'shared {row["shared"]:.3f} at L0 {row["l0"]:.1f}'
+      for arch, row in rows.items()
+      if arch != 'topk'
+    ]
+  )
   if problems:
     measured += f' (L0 not matched: {"; ".join(problems)}; not a test of the claim)'
-  return Claim('ReLU+L1 and Gated are more stable than TopK at matched L0', measured,
-               None if problems else bool(holds), {'target_l0': topk['l0'], 'rows': rows})
+  return Claim(
+    'ReLU+L1 and Gated are more stable than TopK at matched L0',
+    measured,
+    None if problems else bool(holds),
+    {'target_l0': topk['l0'], 'rows': rows},
+  )

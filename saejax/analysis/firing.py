@@ -81,8 +81,9 @@ def count_firing(
   return total_SxF, counted * source.batch_size
 
 
-def save_counts(workdir: str, counts_SxF: np.ndarray, tokens: int, seeds: list[str],
-                hookpoint: str | None = None) -> str:
+def save_counts(
+  workdir: str, counts_SxF: np.ndarray, tokens: int, seeds: list[str], hookpoint: str | None = None
+) -> str:
   path = _path(workdir, hookpoint)
   return storage.write_npz(path, {'counts': counts_SxF, 'tokens': np.int64(tokens), 'seeds': np.asarray(seeds)})
 

@@ -48,14 +48,17 @@ def check_shapes(features_FxD: np.ndarray, W_dec_MxD: np.ndarray) -> None:
   """Raises ValueError unless the true features and the decoder rows live in the same space."""
   features_shape, decoder_shape = np.shape(features_FxD), np.shape(W_dec_MxD)
   if len(features_shape) != 2 or len(decoder_shape) != 2 or features_shape[1] != decoder_shape[1]:
-    raise ValueError(f'true features {features_shape} and decoder {decoder_shape} must be [F, D] and [M, D] with '
-                     'the same D; pass the ground truth of the run these SAEs were trained on')
+    raise ValueError(
+      f'true features {features_shape} and decoder {decoder_shape} must be [F, D] and [M, D] with '
+      'the same D; pass the ground truth of the run these SAEs were trained on'
+    )
   if not np.isfinite(features_FxD).all():
     raise ValueError('the true features hold non-finite values; the ground-truth file is corrupt')
 
 
-def seed_recovery(features_FxD: np.ndarray, W_dec_MxD: np.ndarray, shared_M: np.ndarray,
-                  threshold: float = RECOVERY_THRESHOLD) -> dict[str, Any]:
+def seed_recovery(
+  features_FxD: np.ndarray, W_dec_MxD: np.ndarray, shared_M: np.ndarray, threshold: float = RECOVERY_THRESHOLD
+) -> dict[str, Any]:
   """One seed's recovery numbers (PER_SEED_KEYS); a mean over no latents is None."""
   check_shapes(features_FxD, W_dec_MxD)
   shared_M = np.asarray(shared_M, bool)
@@ -79,14 +82,20 @@ def seed_recovery(features_FxD: np.ndarray, W_dec_MxD: np.ndarray, shared_M: np.
   }
 
 
-def recovery_by_sharing(features_FxD: np.ndarray, W_dec_by_seed: Mapping[str, np.ndarray],
-                        masks: Mapping[str, np.ndarray], threshold: float = RECOVERY_THRESHOLD) -> dict[str, Any]:
+def recovery_by_sharing(
+  features_FxD: np.ndarray,
+  W_dec_by_seed: Mapping[str, np.ndarray],
+  masks: Mapping[str, np.ndarray],
+  threshold: float = RECOVERY_THRESHOLD,
+) -> dict[str, Any]:
   """{'threshold', 'num_features', 'per_seed': {seed: seed_recovery(...)}}.
 
   masks: per seed, the sharing bitmasks of `saejax.analysis.seeds` (non-zero: shared with some other seed).
   """
-  per_seed = {name: seed_recovery(features_FxD, W_dec_by_seed[name], np.asarray(masks[name]) > 0, threshold)
-              for name in W_dec_by_seed}
+  per_seed = {
+    name: seed_recovery(features_FxD, W_dec_by_seed[name], np.asarray(masks[name]) > 0, threshold)
+    for name in W_dec_by_seed
+  }
   return {'threshold': threshold, 'num_features': int(np.asarray(features_FxD).shape[0]), 'per_seed': per_seed}
 
 

@@ -68,8 +68,7 @@ def _put_tokens(model, tokens_BxT) -> jax.Array:
 def _put(model, value: np.ndarray) -> jax.Array:
   """Seed params: on the default device, or replicated over the model's mesh when it spans processes."""
   if _multi_process(model):
-    return jax.make_array_from_process_local_data(NamedSharding(model.mesh, P()), np.asarray(value),
-                                                  np.shape(value))
+    return jax.make_array_from_process_local_data(NamedSharding(model.mesh, P()), np.asarray(value), np.shape(value))
   return jnp.asarray(value)
 
 
@@ -80,8 +79,9 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def evaluate_on_lm(model, hookpoint: str, params_S: Mapping[str, np.ndarray], spec: sae_lib.SaeSpec,
-                   token_batches: Iterable[np.ndarray]) -> dict[str, Any]:
+def evaluate_on_lm(
+  model, hookpoint: str, params_S: Mapping[str, np.ndarray], spec: sae_lib.SaeSpec, token_batches: Iterable[np.ndarray]
+) -> dict[str, Any]:
   """Returns {'tokens', 'ce_clean', 'seeds': [{ce, ce_increase, kl, fvu, l0, dead_fraction}, ...]}.
 
   The reconstruction enters the forward as `jax.tree_util.Partial(fn, params)`, so one compiled forward
@@ -110,12 +110,15 @@ def evaluate_on_lm(model, hookpoint: str, params_S: Mapping[str, np.ndarray], sp
     raise ValueError('no evaluation batches: raise eval_tokens or check the dataset')
   variance = float(np.sum(sum_xx - np.square(sum_x) / tokens))
   ce_clean /= batches
-  seeds = [{
-    'ce': totals[s, 0] / batches,
-    'ce_increase': totals[s, 0] / batches - ce_clean,
-    'kl': totals[s, 1] / batches,
-    'fvu': totals[s, 2] / variance,
-    'l0': totals[s, 3] / batches,
-    'dead_fraction': float(1.0 - fired[s].mean()),
-  } for s in range(num_seeds)]
+  seeds = [
+    {
+      'ce': totals[s, 0] / batches,
+      'ce_increase': totals[s, 0] / batches - ce_clean,
+      'kl': totals[s, 1] / batches,
+      'fvu': totals[s, 2] / variance,
+      'l0': totals[s, 3] / batches,
+      'dead_fraction': float(1.0 - fired[s].mean()),
+    }
+    for s in range(num_seeds)
+  ]
   return {'tokens': tokens, 'ce_clean': ce_clean, 'seeds': seeds}

@@ -194,10 +194,12 @@ def ground_truth_section(recovery: Mapping[str, Any]) -> list[str]:
   """The per-seed table of saejax.analysis.ground_truth.recovery_by_sharing."""
   threshold = fmt(recovery['threshold'])
   lines = [
-    '### Ground-truth recovery, shared vs orphan latents', '',
+    '### Ground-truth recovery, shared vs orphan latents',
+    '',
     f'Synthetic data: {recovery["num_features"]} true features. Shared: shared with at least one other seed. '
     f'"Best cos" is a latent\'s best decoder cosine to any true feature; a latent *is* a true feature, and a '
-    f'feature is *recovered*, at cosine >= {threshold}.', '',
+    f'feature is *recovered*, at cosine >= {threshold}.',
+    '',
   ]
   rows = [[name, *(row[key] for key in GROUND_TRUTH_COLUMNS)] for name, row in recovery['per_seed'].items()]
   return lines + _table(['seed', *GROUND_TRUTH_COLUMNS.values()], rows)

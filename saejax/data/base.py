@@ -58,8 +58,9 @@ class ActivationSource(abc.ABC):
   def save_artifacts(self, workdir: str) -> None:  # noqa: B027 - optional hook
     """Writes anything the run folder should keep about the data (e.g. a ground-truth dictionary)."""
 
-  def final_report(self, params_S: dict[str, np.ndarray], spec, held_out_position: int,
-                   hookpoint: str | None = None) -> dict[str, Any]:
+  def final_report(
+    self, params_S: dict[str, np.ndarray], spec, held_out_position: int, hookpoint: str | None = None
+  ) -> dict[str, Any]:
     """Source-specific evaluation of one hookpoint's trained SAEs (params stacked over seeds); batches from
     `held_out_position` on were never trained on. Empty by default."""
     del params_S, spec, held_out_position, hookpoint

@@ -53,13 +53,14 @@ class LMActivationSource(ActivationSource):
     from saejax import models
 
     dtype = jnp.bfloat16 if config.lm_dtype == 'bfloat16' else jnp.float32
-    self.model = model if model is not None else models.load_pretrained(config.model, dtype=dtype,
-                                                                        mesh=sharding.mesh)
+    self.model = model if model is not None else models.load_pretrained(config.model, dtype=dtype, mesh=sharding.mesh)
     for name in config.hookpoints:
       self.model.parse_hookpoint(name)
     if config.d_in != self.model.d_model:
-      raise ValueError(f'd_in={config.d_in} but {config.model} has d_model={self.model.d_model}; '
-                       f'set --config.d_in={self.model.d_model}')
+      raise ValueError(
+        f'd_in={config.d_in} but {config.model} has d_model={self.model.d_model}; '
+        f'set --config.d_in={self.model.d_model}'
+      )
     self._hookpoints = config.hookpoints
     self.hookpoint = self._hookpoints[0]
     self.d_in = self.model.d_model
@@ -127,5 +128,6 @@ def _open_tokens(config, rows: int, model_folder: str | None):
   offline = os.environ.get('HF_HUB_OFFLINE') == '1' or os.environ.get('HF_DATASETS_OFFLINE') == '1'
   if offline and text.resolve_data_files(dataset) is None:
     raise FileNotFoundError(f'dataset {dataset!r} is not a local path and the Hub is offline; {_OFFLINE_HINT}')
-  return text.TextTokenStream(dataset, model_folder, rows, config.context_length,
-                                text_column=config.text_column, split=config.dataset_split)
+  return text.TextTokenStream(
+    dataset, model_folder, rows, config.context_length, text_column=config.text_column, split=config.dataset_split
+  )

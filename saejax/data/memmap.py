@@ -32,23 +32,31 @@ def open_token_file(path: str, row_length: int | None = None) -> np.ndarray:
     if size == 0:
       raise ValueError(f'token file {path!r} is empty; pass a file with at least one row')
     if size % row_bytes:
-      raise ValueError(f'token file {path!r} has {size} bytes, not a whole number of rows of {row_length} uint16 '
-                       f'tokens ({row_bytes} bytes); pass row_length= or unshard the file first')
+      raise ValueError(
+        f'token file {path!r} has {size} bytes, not a whole number of rows of {row_length} uint16 '
+        f'tokens ({row_bytes} bytes); pass row_length= or unshard the file first'
+      )
     return np.memmap(path, dtype=np.uint16, mode='r', shape=(size // row_bytes, row_length))
   if path.endswith('.npy'):
     try:
       tokens_NxL = np.load(path, mmap_mode='r', allow_pickle=False)
     except ValueError as err:
-      raise ValueError(f'token file {path!r} is not a readable .npy array ({err}); pass a [rows, tokens] '
-                       f'uint16/int32 array saved with np.save') from err
+      raise ValueError(
+        f'token file {path!r} is not a readable .npy array ({err}); pass a [rows, tokens] '
+        f'uint16/int32 array saved with np.save'
+      ) from err
     if tokens_NxL.ndim != 2 or tokens_NxL.dtype not in NPY_DTYPES:
-      raise ValueError(f'token file {path!r} holds {tokens_NxL.dtype} {tokens_NxL.shape}; pass a 2-D '
-                       f'[rows, tokens] array of uint16 or int32')
+      raise ValueError(
+        f'token file {path!r} holds {tokens_NxL.dtype} {tokens_NxL.shape}; pass a 2-D '
+        f'[rows, tokens] array of uint16 or int32'
+      )
     if tokens_NxL.size == 0:
       raise ValueError(f'token file {path!r} is empty ({tokens_NxL.shape}); pass a file with at least one row')
     if row_length is not None and tokens_NxL.shape[1] != row_length:
-      raise ValueError(f'token file {path!r} has rows of {tokens_NxL.shape[1]} tokens, not row_length='
-                       f'{row_length}; pass the matching row_length')
+      raise ValueError(
+        f'token file {path!r} has rows of {tokens_NxL.shape[1]} tokens, not row_length='
+        f'{row_length}; pass the matching row_length'
+      )
     return tokens_NxL
   raise ValueError(f'cannot read token file {path!r}; pass a .bin (raw uint16) or .npy file')
 
@@ -61,9 +69,16 @@ class MemmapTokenStream(TokenStream):
 
   random_access = True
 
-  def __init__(self, path: str | os.PathLike | Sequence[str | os.PathLike], global_rows: int,
-               context_length: int | None = None, *, row_length: int | None = None,
-               process_index: int | None = None, process_count: int | None = None):
+  def __init__(
+    self,
+    path: str | os.PathLike | Sequence[str | os.PathLike],
+    global_rows: int,
+    context_length: int | None = None,
+    *,
+    row_length: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ):
     paths = [os.fspath(path)] if isinstance(path, str | os.PathLike) else [os.fspath(p) for p in path]
     if not paths:
       raise FileNotFoundError('no token files given; pass a .bin or .npy path (or a list of them)')
@@ -75,14 +90,18 @@ class MemmapTokenStream(TokenStream):
     self.row_length = lengths[0]
     context_length = self.row_length if context_length is None else context_length
     if context_length > self.row_length:
-      raise ValueError(f'context_length={context_length} is longer than the rows of {paths[0]!r} '
-                       f'({self.row_length} tokens); pass context_length <= {self.row_length}')
+      raise ValueError(
+        f'context_length={context_length} is longer than the rows of {paths[0]!r} '
+        f'({self.row_length} tokens); pass context_length <= {self.row_length}'
+      )
     super().__init__(global_rows, context_length, process_index, process_count)
     self.file_starts = np.cumsum([0] + [len(f) for f in self.files])
     self.num_rows = int(self.file_starts[-1])
     if self.num_rows < global_rows:
-      raise ValueError(f'{paths[0]!r} has {self.num_rows} rows, fewer than one batch of global_rows='
-                       f'{global_rows}; pass more data or fewer rows')
+      raise ValueError(
+        f'{paths[0]!r} has {self.num_rows} rows, fewer than one batch of global_rows='
+        f'{global_rows}; pass more data or fewer rows'
+      )
 
   @property
   def num_batches(self) -> int:
@@ -98,7 +117,7 @@ class MemmapTokenStream(TokenStream):
       if begin >= end:
         break
       offset = int(self.file_starts[index])
-      parts.append(self.files[index][begin - offset:end - offset, :self.context_length])
+      parts.append(self.files[index][begin - offset : end - offset, : self.context_length])
     tokens_RxT = parts[0].astype(np.int32) if len(parts) == 1 else np.concatenate(parts).astype(np.int32)
     return tokens_RxT
 

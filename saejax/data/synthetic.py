@@ -86,8 +86,7 @@ class SyntheticSource(ActivationSource):
     path = storage.join(workdir, GROUND_TRUTH_FILE)
     if jax.process_index() != 0 or storage.exists(path):
       return
-    storage.write_npz(path, {'features': self.features_FxD, 'firing_prob': self.firing_prob_F,
-                             'offset': self.offset_D})
+    storage.write_npz(path, {'features': self.features_FxD, 'firing_prob': self.firing_prob_F, 'offset': self.offset_D})
 
   def final_report(self, params_S, spec, held_out_position: int, hookpoint: str | None = None) -> dict[str, Any]:
     del spec, held_out_position, hookpoint
@@ -103,11 +102,12 @@ def recovery_report(features_FxD: np.ndarray, firing_prob_F: np.ndarray, W_dec_S
   for W_dec_MxD in W_dec_SxMxD:
     learned_unit = W_dec_MxD / np.maximum(np.linalg.norm(W_dec_MxD, axis=-1, keepdims=True), 1e-12)
     best_cos_F = (true_unit @ learned_unit.T).max(axis=1)
-    per_seed.append({
-      'mean_best_cos': float(best_cos_F.mean()),
-      'recovered_fraction': float((best_cos_F >= RECOVERY_THRESHOLD).mean()),
-      'top10pct_recovered_fraction': float((best_cos_F[top] >= RECOVERY_THRESHOLD).mean()),
-      'best_cos': best_cos_F.round(5).tolist(),
-    })
+    per_seed.append(
+      {
+        'mean_best_cos': float(best_cos_F.mean()),
+        'recovered_fraction': float((best_cos_F >= RECOVERY_THRESHOLD).mean()),
+        'top10pct_recovered_fraction': float((best_cos_F[top] >= RECOVERY_THRESHOLD).mean()),
+        'best_cos': best_cos_F.round(5).tolist(),
+      }
+    )
   return {'threshold': RECOVERY_THRESHOLD, 'num_features': int(len(firing_prob_F)), 'seeds': per_seed}
-

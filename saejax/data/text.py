@@ -22,8 +22,15 @@ import numpy as np
 from saejax.data.tokens import MEMMAP_SUFFIXES, StreamExhaustedError, TokenStream
 
 # File extensions `datasets` can stream, by builder; compression suffixes are looked through.
-BUILDERS = {'.json': 'json', '.jsonl': 'json', '.txt': 'text', '.text': 'text', '.parquet': 'parquet',
-            '.arrow': 'arrow', '.csv': 'csv'}
+BUILDERS = {
+  '.json': 'json',
+  '.jsonl': 'json',
+  '.txt': 'text',
+  '.text': 'text',
+  '.parquet': 'parquet',
+  '.arrow': 'arrow',
+  '.csv': 'csv',
+}
 COMPRESSION = ('.gz', '.zst', '.bz2', '.xz', '.lz4')
 EOS_NAMES = ('<|endoftext|>', '<|end_of_text|>', '</s>', '<eos>', '<|eos|>')
 
@@ -49,26 +56,39 @@ def resolve_data_files(dataset: str | Sequence[str]) -> tuple[str, list[str]] | 
   if not isinstance(dataset, str):
     files = [os.fspath(f) for f in dataset]
   elif os.path.isdir(dataset):
-    files = sorted(os.path.join(root, name) for root, _, names in os.walk(dataset) for name in names
-                   if not name.startswith('.') and builder_for(name))
+    files = sorted(
+      os.path.join(root, name)
+      for root, _, names in os.walk(dataset)
+      for name in names
+      if not name.startswith('.') and builder_for(name)
+    )
   elif os.path.isfile(dataset):
     files = [dataset]
   elif glob.has_magic(dataset):
     files = sorted(f for f in glob.glob(dataset, recursive=True) if os.path.isfile(f))
-  elif (os.path.isabs(dataset) or dataset.startswith(('.', '~')) or dataset.count('/') > 1
-        or builder_for(dataset) or dataset.endswith(MEMMAP_SUFFIXES)):
-    raise FileNotFoundError(f'no data at {dataset!r}; pass an existing json/jsonl/txt/parquet/arrow file, '
-                            f'folder or glob, or a Hub dataset id')
+  elif (
+    os.path.isabs(dataset)
+    or dataset.startswith(('.', '~'))
+    or dataset.count('/') > 1
+    or builder_for(dataset)
+    or dataset.endswith(MEMMAP_SUFFIXES)
+  ):
+    raise FileNotFoundError(
+      f'no data at {dataset!r}; pass an existing json/jsonl/txt/parquet/arrow file, folder or glob, or a Hub dataset id'
+    )
   else:
     return None
   missing = [f for f in files if not os.path.isfile(f)]
   if not files or missing:
-    raise FileNotFoundError(f'no data files at {missing[0] if missing else dataset!r}; pass existing '
-                            f'json/jsonl/txt/parquet/arrow files')
+    raise FileNotFoundError(
+      f'no data files at {missing[0] if missing else dataset!r}; pass existing json/jsonl/txt/parquet/arrow files'
+    )
   builders = {builder_for(f) for f in files}
   if None in builders or len(builders) > 1:
-    raise ValueError(f'cannot read {dataset!r} as one dataset (builders {sorted(map(str, builders))}); '
-                     f'pass files of one type: {", ".join(sorted(BUILDERS))}')
+    raise ValueError(
+      f'cannot read {dataset!r} as one dataset (builders {sorted(map(str, builders))}); '
+      f'pass files of one type: {", ".join(sorted(BUILDERS))}'
+    )
   return builders.pop(), files
 
 
@@ -83,8 +103,9 @@ def load_tokenizer(tokenizer: Any):
   path = os.fspath(tokenizer)
   file = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path
   if not os.path.isfile(file):
-    raise FileNotFoundError(f'no tokenizer at {file!r}; pass a model folder that contains tokenizer.json '
-                            f'(or the tokenizer.json file itself)')
+    raise FileNotFoundError(
+      f'no tokenizer at {file!r}; pass a model folder that contains tokenizer.json (or the tokenizer.json file itself)'
+    )
   loaded = Tokenizer.from_file(file)
   loaded.no_truncation()
   loaded.no_padding()
@@ -112,8 +133,10 @@ def resolve_eos_id(tokenizer, folder: str | None) -> int:
     token_id = tokenizer.token_to_id(name)
     if token_id is not None:
       return int(token_id)
-  raise ValueError(f'cannot tell the EOS id (no eos_token_id in {folder or "the tokenizer"}, none of '
-                   f'{", ".join(EOS_NAMES)} in the vocabulary); pass eos_id=')
+  raise ValueError(
+    f'cannot tell the EOS id (no eos_token_id in {folder or "the tokenizer"}, none of '
+    f'{", ".join(EOS_NAMES)} in the vocabulary); pass eos_id='
+  )
 
 
 class TextTokenStream(TokenStream):
@@ -124,11 +147,24 @@ class TextTokenStream(TokenStream):
   `shuffle_buffer` window), deterministically for a given seed; None keeps file order.
   """
 
-  def __init__(self, dataset: str | Sequence[str], tokenizer: Any, global_rows: int, context_length: int, *,
-               eos_id: int | None = None, text_column: str = 'text', split: str = 'train',
-               dataset_config: str | None = None, add_special_tokens: bool = False,
-               shuffle_seed: int | None = None, shuffle_buffer: int = 10_000, read_batch: int = 256,
-               process_index: int | None = None, process_count: int | None = None):
+  def __init__(
+    self,
+    dataset: str | Sequence[str],
+    tokenizer: Any,
+    global_rows: int,
+    context_length: int,
+    *,
+    eos_id: int | None = None,
+    text_column: str = 'text',
+    split: str = 'train',
+    dataset_config: str | None = None,
+    add_special_tokens: bool = False,
+    shuffle_seed: int | None = None,
+    shuffle_buffer: int = 10_000,
+    read_batch: int = 256,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ):
     super().__init__(global_rows, context_length, process_index, process_count)
     self.dataset = dataset if isinstance(dataset, str) else [os.fspath(f) for f in dataset]
     self.local = resolve_data_files(dataset)
@@ -168,8 +204,10 @@ class TextTokenStream(TokenStream):
         builder, files = self.local
         ds = datasets.load_dataset(builder, data_files={self.split: files}, split=self.split, streaming=True)
     except Exception as err:
-      raise FileNotFoundError(f'cannot open dataset {self._describe()} ({_first_line(err)}); offline, pass '
-                              f'local json/jsonl/txt/parquet/arrow files') from err
+      raise FileNotFoundError(
+        f'cannot open dataset {self._describe()} ({_first_line(err)}); offline, pass '
+        f'local json/jsonl/txt/parquet/arrow files'
+      ) from err
     if self.shuffle_seed is not None:
       ds = ds.shuffle(seed=self.shuffle_seed, buffer_size=self.shuffle_buffer)
     return ds
@@ -177,8 +215,10 @@ class TextTokenStream(TokenStream):
   def _iter_texts(self) -> Iterator[Any]:
     for batch in self._open().iter(batch_size=self.read_batch):
       if self.text_column not in batch:
-        raise ValueError(f'dataset {self._describe()} has no column {self.text_column!r} (columns: '
-                         f'{", ".join(batch)}); pass text_column=')
+        raise ValueError(
+          f'dataset {self._describe()} has no column {self.text_column!r} (columns: '
+          f'{", ".join(batch)}); pass text_column='
+        )
       yield from batch[self.text_column]
 
   def _restart(self, document: int, offset: int) -> None:
@@ -186,8 +226,10 @@ class TextTokenStream(TokenStream):
     self._texts = self._iter_texts()
     skipped = sum(1 for _ in itertools.islice(self._texts, document))
     if skipped < document:
-      raise ValueError(f'the saved state points at document {document} but dataset {self._describe()} has '
-                       f'{skipped}; resume with the dataset the state was saved with')
+      raise ValueError(
+        f'the saved state points at document {document} but dataset {self._describe()} has '
+        f'{skipped}; resume with the dataset the state was saved with'
+      )
     self._queue: deque[np.ndarray] = deque()
     self._document = document  # index of the document at the head of the queue (or the next one to read)
     self._documents_read = document
@@ -196,8 +238,10 @@ class TextTokenStream(TokenStream):
     self._cursor = 0  # the global batch the queue head starts
     if offset:
       if not self._fill() or offset >= len(self._queue[0]):
-        raise ValueError(f'the saved state points at token {offset} of document {document}, which dataset '
-                         f'{self._describe()} does not have; resume with the same dataset and tokenizer')
+        raise ValueError(
+          f'the saved state points at token {offset} of document {document}, which dataset '
+          f'{self._describe()} does not have; resume with the same dataset and tokenizer'
+        )
       self._offset = offset
       self._available -= offset
 
@@ -205,8 +249,10 @@ class TextTokenStream(TokenStream):
     texts = list(itertools.islice(self._texts, self.read_batch))
     for i, text in enumerate(texts):
       if not isinstance(text, str):
-        raise ValueError(f'document {self._documents_read + i} of {self._describe()} has a '
-                         f'{type(text).__name__} in column {self.text_column!r}; pass a text column')
+        raise ValueError(
+          f'document {self._documents_read + i} of {self._describe()} has a '
+          f'{type(text).__name__} in column {self.text_column!r}; pass a text column'
+        )
     encodings = self.tokenizer.encode_batch(texts, add_special_tokens=self.add_special_tokens)
     for encoding in encodings:
       tokens_L = np.empty(len(encoding.ids) + 1, dtype=np.int32)
@@ -221,15 +267,19 @@ class TextTokenStream(TokenStream):
     while self._available < count:
       if not self._fill():
         if self._cursor == 0:
-          raise ValueError(f'dataset {self._describe()} has {self._available} tokens, fewer than one batch of '
-                           f'{self.global_rows}x{self.context_length}; pass more data or a smaller batch')
-        raise StreamExhaustedError(f'dataset {self._describe()} ran out after {self._cursor} batches of '
-                                   f'{self.global_rows}x{self.context_length} tokens; supply more data')
+          raise ValueError(
+            f'dataset {self._describe()} has {self._available} tokens, fewer than one batch of '
+            f'{self.global_rows}x{self.context_length}; pass more data or a smaller batch'
+          )
+        raise StreamExhaustedError(
+          f'dataset {self._describe()} ran out after {self._cursor} batches of '
+          f'{self.global_rows}x{self.context_length} tokens; supply more data'
+        )
     parts, needed = [], count
     while needed:
       head = self._queue[0]
       stop = min(len(head), self._offset + needed)
-      parts.append(head[self._offset:stop])
+      parts.append(head[self._offset : stop])
       needed -= stop - self._offset
       if stop == len(head):
         self._queue.popleft()

@@ -49,8 +49,10 @@ def host_row_slice(global_rows: int, process_index: int, process_count: int) -> 
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count})')
   if global_rows < 1 or global_rows % process_count:
-    raise ValueError(f'global_rows={global_rows} does not split over {process_count} hosts; '
-                     f'pass a positive multiple of {process_count}')
+    raise ValueError(
+      f'global_rows={global_rows} does not split over {process_count} hosts; '
+      f'pass a positive multiple of {process_count}'
+    )
   rows = global_rows // process_count
   return slice(process_index * rows, (process_index + 1) * rows)
 
@@ -60,12 +62,14 @@ class TokenStream(abc.ABC):
 
   random_access = False
 
-  def __init__(self, global_rows: int, context_length: int, process_index: int | None = None,
-               process_count: int | None = None):
+  def __init__(
+    self, global_rows: int, context_length: int, process_index: int | None = None, process_count: int | None = None
+  ):
     if context_length < 1:
       raise ValueError(f'context_length={context_length} must be positive')
     if process_index is None or process_count is None:
       import jax
+
       process_index = jax.process_index() if process_index is None else process_index
       process_count = jax.process_count() if process_count is None else process_count
     self.host_rows = host_row_slice(global_rows, process_index, process_count)
@@ -110,20 +114,25 @@ class TokenStream(abc.ABC):
   def load_state_dict(self, state: dict[str, Any]) -> None:
     for key in ('global_rows', 'context_length'):
       if key in state and int(state[key]) != getattr(self, key):
-        raise ValueError(f'the saved token-stream state has {key}={state[key]} but this stream has '
-                         f'{getattr(self, key)}; resume with the saved {key}')
+        raise ValueError(
+          f'the saved token-stream state has {key}={state[key]} but this stream has '
+          f'{getattr(self, key)}; resume with the saved {key}'
+        )
     self.seek(int(state['position']))
 
   def _check_position(self, position: int) -> None:
     if position < 0:
       raise ValueError(f'position={position} must be non-negative')
     if self.num_batches is not None and position >= self.num_batches:
-      raise StreamExhaustedError(f'batch {position} is past the end of the data ({self.num_batches} full batches '
-                                 f'of {self.global_rows}x{self.context_length} tokens); supply more data')
+      raise StreamExhaustedError(
+        f'batch {position} is past the end of the data ({self.num_batches} full batches '
+        f'of {self.global_rows}x{self.context_length} tokens); supply more data'
+      )
 
 
-def open_token_stream(dataset: str | Sequence[str], global_rows: int, context_length: int, *,
-                      tokenizer: Any = None, **kwargs) -> TokenStream:
+def open_token_stream(
+  dataset: str | Sequence[str], global_rows: int, context_length: int, *, tokenizer: Any = None, **kwargs
+) -> TokenStream:
   """A memmap stream for .bin/.npy token files, else a text stream; `kwargs` go to the stream's constructor."""
   paths = [dataset] if isinstance(dataset, str) else [os.fspath(f) for f in dataset]
   if paths and all(p.endswith(MEMMAP_SUFFIXES) for p in paths):

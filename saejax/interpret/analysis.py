@@ -57,8 +57,10 @@ def sample_per_bin(cos: np.ndarray, per_bin: int, seed: int = 0) -> np.ndarray:
   rng = np.random.default_rng(seed)
   valid = np.flatnonzero(np.isfinite(cos))
   bins = alignment_bin(cos[valid])
-  chosen = [rng.choice(valid[bins == b], min(per_bin, int(np.sum(bins == b))), replace=False)
-            for b in range(len(ALIGNMENT_EDGES) - 1)]
+  chosen = [
+    rng.choice(valid[bins == b], min(per_bin, int(np.sum(bins == b))), replace=False)
+    for b in range(len(ALIGNMENT_EDGES) - 1)
+  ]
   return np.sort(np.concatenate(chosen).astype(np.int64))
 
 
@@ -144,7 +146,7 @@ def table1(rows: Sequence[tuple], labels: tuple[str, str]) -> list[dict[str, Any
 
 def _cell(record: Mapping[str, Any]) -> str:
   text = (record.get('explanation') or '(none)').replace('|', '\\|')
-  return f"{text} ({record['score']:.2f}) [latent {record['latent']}]"
+  return f'{text} ({record["score"]:.2f}) [latent {record["latent"]}]'
 
 
 def _stats(values: Sequence[float]) -> str:
@@ -176,13 +178,24 @@ def write_report(run: str, seeds: Sequence[str], tables: Mapping[str, Mapping[in
     a, b = seeds[0], seeds[1]
     partner, cos = pair_alignment(alignment, a, b)
     rows = matched_pairs(partner, cos, tables.get(a, {}), tables.get(b, {}))
-    made['fig6_right'] = storage.basename(fig6_right(
-      np.array([r[3]['score'] for r in rows]), np.array([r[4]['score'] for r in rows]), np.array([r[2] for r in rows]),
-      (a, b), storage.join(out, 'fig6_right_matched_scores.png')))
+    made['fig6_right'] = storage.basename(
+      fig6_right(
+        np.array([r[3]['score'] for r in rows]),
+        np.array([r[4]['score'] for r in rows]),
+        np.array([r[2] for r in rows]),
+        (a, b),
+        storage.join(out, 'fig6_right_matched_scores.png'),
+      )
+    )
     picked = table1(rows, (a, b))
-    lines += ['', f'## Table 1: example pairs {a} / {b} per alignment bin', '',
-              f'| alignment | {a} | {b} |', '|---|---|---|']
-    lines += [f"| {p['alignment']:.2f} | {_cell(p[a])} | {_cell(p[b])} |" for p in picked]
+    lines += [
+      '',
+      f'## Table 1: example pairs {a} / {b} per alignment bin',
+      '',
+      f'| alignment | {a} | {b} |',
+      '|---|---|---|',
+    ]
+    lines += [f'| {p["alignment"]:.2f} | {_cell(p[a])} | {_cell(p[b])} |' for p in picked]
     lines += ['', f'{len(rows)} matched pairs scored on both sides.']
   lines += ['', '## Figures', '']
   lines += [f'![{name}]({file})' for name, file in made.items()]

@@ -66,14 +66,15 @@ class _FatalError(Exception):
 
 def cache_key(model: str, messages: list[dict], params: dict) -> str:
   """sha256 (hex) of the model, messages and sampling params: what determines an answer, not where it came from."""
-  blob = json.dumps({'model': model, 'messages': messages, 'params': params}, sort_keys=True, ensure_ascii=False,
-                    separators=(',', ':'))
+  blob = json.dumps(
+    {'model': model, 'messages': messages, 'params': params}, sort_keys=True, ensure_ascii=False, separators=(',', ':')
+  )
   return hashlib.sha256(blob.encode('utf-8')).hexdigest()
 
 
 def _one_line(text: str, limit: int = _SNIPPET_CHARS) -> str:
   text = ' '.join(str(text).split())
-  return text if len(text) <= limit else text[:limit - 3] + '...'
+  return text if len(text) <= limit else text[: limit - 3] + '...'
 
 
 def _parse_retry_after(value: str | None) -> float | None:
@@ -107,8 +108,9 @@ def _is_loopback(url: str) -> bool:
 
 def _as_request(item: Any) -> tuple[list[dict], dict]:
   """`(messages, params)` from either that pair or bare messages."""
-  if isinstance(item, tuple) or (isinstance(item, list) and len(item) == 2 and isinstance(item[0], list)
-                                 and isinstance(item[1], dict)):
+  if isinstance(item, tuple) or (
+    isinstance(item, list) and len(item) == 2 and isinstance(item[0], list) and isinstance(item[1], dict)
+  ):
     messages, params = item
     return list(messages), dict(params or {})
   return list(item), {}
@@ -117,9 +119,18 @@ def _as_request(item: Any) -> tuple[list[dict], dict]:
 class ChatClient:
   """Chat completions against `{base_url}/chat/completions`, with retries, a concurrency bound and a disk cache."""
 
-  def __init__(self, base_url: str, model: str, api_key: str | None = None, max_concurrency: int = 8,
-               max_retries: int = 5, timeout_s: float = 60.0, cache_dir: str | None = None, backoff_s: float = 1.0,
-               max_backoff_s: float = 30.0):
+  def __init__(
+    self,
+    base_url: str,
+    model: str,
+    api_key: str | None = None,
+    max_concurrency: int = 8,
+    max_retries: int = 5,
+    timeout_s: float = 60.0,
+    cache_dir: str | None = None,
+    backoff_s: float = 1.0,
+    max_backoff_s: float = 30.0,
+  ):
     if max_concurrency < 1:
       raise ValueError(f'max_concurrency must be >= 1, got {max_concurrency}')
     if max_retries < 0:
@@ -146,8 +157,10 @@ class ChatClient:
 
   def __repr__(self) -> str:
     key = "'***'" if self._api_key else 'None'
-    return (f'ChatClient(base_url={_public_url(self.base_url)!r}, model={self.model!r}, api_key={key}, '
-            f'max_concurrency={self.max_concurrency}, max_retries={self.max_retries}, cache_dir={self.cache_dir!r})')
+    return (
+      f'ChatClient(base_url={_public_url(self.base_url)!r}, model={self.model!r}, api_key={key}, '
+      f'max_concurrency={self.max_concurrency}, max_retries={self.max_retries}, cache_dir={self.cache_dir!r})'
+    )
 
   def _redact(self, text: str) -> str:
     return text.replace(self._api_key, '***') if self._api_key else text
@@ -247,25 +260,42 @@ class ChatClient:
         with self._slots:
           return self._attempt(payload)
       except _FatalError as e:
-        advice = {401: 'check the API key (OPENAI_API_KEY or SAEJAX_API_KEY)', 403: 'check the API key and its access',
-                  404: f'check base_url (usually ends in /v1) and that model {self.model!r} is served'}.get(
-                    e.status, 'fix the request (model name, parameters)')
-        raise ChatError(self._redact(f'chat request to {_public_url(self.url)} rejected after {attempt} attempt(s) '
-                                     f'with {e.reason}; not retried: {advice}'), status=e.status,
-                        attempts=attempt) from None
+        advice = {
+          401: 'check the API key (OPENAI_API_KEY or SAEJAX_API_KEY)',
+          403: 'check the API key and its access',
+          404: f'check base_url (usually ends in /v1) and that model {self.model!r} is served',
+        }.get(e.status, 'fix the request (model name, parameters)')
+        raise ChatError(
+          self._redact(
+            f'chat request to {_public_url(self.url)} rejected after {attempt} attempt(s) '
+            f'with {e.reason}; not retried: {advice}'
+          ),
+          status=e.status,
+          attempts=attempt,
+        ) from None
       except _RetryableError as e:
         last = e
         if attempt == attempts:
           break
         delay = self._delay(attempt, e.retry_after)
-        logger.warning('chat request to %s failed (%s); retry %d/%d in %.2fs', _public_url(self.url), e.reason,
-                       attempt, self.max_retries, delay)
+        logger.warning(
+          'chat request to %s failed (%s); retry %d/%d in %.2fs',
+          _public_url(self.url),
+          e.reason,
+          attempt,
+          self.max_retries,
+          delay,
+        )
         time.sleep(delay)
     assert last is not None
-    raise ChatError(self._redact(
-      f'chat request to {_public_url(self.url)} failed after {attempts} attempt(s) (last: {last.reason}); check the '
-      f'server is up and serves model {self.model!r}, or raise max_retries / timeout_s'), status=last.status,
-      attempts=attempts)
+    raise ChatError(
+      self._redact(
+        f'chat request to {_public_url(self.url)} failed after {attempts} attempt(s) (last: {last.reason}); check the '
+        f'server is up and serves model {self.model!r}, or raise max_retries / timeout_s'
+      ),
+      status=last.status,
+      attempts=attempts,
+    )
 
   # --- public API ---
 
@@ -290,8 +320,9 @@ class ChatClient:
     except Exception as e:  # One bad item must not lose the others' results.
       return ChatError(self._redact(_one_line(f'chat request could not be made: {type(e).__name__}: {e}')))
 
-  def complete_many(self, requests: list[tuple[list[dict], dict]] | list[list[dict]],
-                    progress: bool = False) -> list[str | ChatError]:
+  def complete_many(
+    self, requests: list[tuple[list[dict], dict]] | list[list[dict]], progress: bool = False
+  ) -> list[str | ChatError]:
     """`complete` for each `(messages, params)` pair or bare `messages`, `max_concurrency` at a time.
 
     Results are in input order; a request that failed for good is its `ChatError` in place of the text.
@@ -302,7 +333,8 @@ class ChatClient:
       return []
     with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items)), thread_name_prefix='chat') as pool:
       futures = {pool.submit(self._complete_or_error, m, p): i for i, (m, p) in enumerate(items)}
-      for future in tqdm(as_completed(futures), total=len(futures), desc='chat', unit='req',
-                         disable=None if progress else True):
+      for future in tqdm(
+        as_completed(futures), total=len(futures), desc='chat', unit='req', disable=None if progress else True
+      ):
         results[futures[future]] = future.result()
     return results  # type: ignore[return-value]

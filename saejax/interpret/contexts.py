@@ -181,16 +181,32 @@ def collect_contexts(
     window = min(settings.window, T)
     if state is None:
       state = _empty_state(len(latents), window, settings)
-      meta = {'rows': rows, 'context_length': T, 'window': window, 'blocks': T // window,
-              'start_position': int(start_position)}
+      meta = {
+        'rows': rows,
+        'context_length': T,
+        'window': window,
+        'blocks': T // window,
+        'start_position': int(start_position),
+      }
     chunk_rows = max(1, min(rows, MAX_CHUNK_ELEMENTS // max(1, T * spec.num_latents)))
     for r0 in range(0, rows, chunk_rows):
       r1 = min(rows, r0 + chunk_rows)
       first_id = (offset * rows + r0) * meta['blocks']
       key = jax.random.fold_in(jax.random.fold_in(base_key, position), r0)
-      state = _update(state, params, x_BxD[r0 * T : r1 * T], jnp.asarray(tokens_RxT[r0:r1]), latents_L,
-                      jnp.int32(first_id), key, arch=spec.arch, spec=spec, window=window, top_k=settings.top_k,
-                      num_random=settings.num_random)
+      state = _update(
+        state,
+        params,
+        x_BxD[r0 * T : r1 * T],
+        jnp.asarray(tokens_RxT[r0:r1]),
+        latents_L,
+        jnp.int32(first_id),
+        key,
+        arch=spec.arch,
+        spec=spec,
+        window=window,
+        top_k=settings.top_k,
+        num_random=settings.num_random,
+      )
     tokens_seen += rows * T
   if state is None:
     raise ValueError(f'no tokens left after position {start_position} to collect contexts from; pass more data')
@@ -208,8 +224,9 @@ def collect_contexts(
 
 def save_contexts(path: str, contexts: Contexts) -> str:
   """Writes an `.npz` atomically (through saejax.storage, so the run may be on gs://)."""
-  return storage.write_npz(path, {'latents': contexts.latents, 'meta': np.asarray(json.dumps(contexts.meta)),
-                                  **contexts.arrays})
+  return storage.write_npz(
+    path, {'latents': contexts.latents, 'meta': np.asarray(json.dumps(contexts.meta)), **contexts.arrays}
+  )
 
 
 def load_contexts(path: str) -> Contexts:
@@ -219,9 +236,11 @@ def load_contexts(path: str) -> Contexts:
 
 def matches(contexts: Contexts, latents: Sequence[int], settings: ContextSettings, hookpoint: str) -> bool:
   """Whether a stored file was collected for exactly these latents, settings and hookpoint."""
-  return (contexts.meta.get('settings') == dataclasses.asdict(settings)
-          and contexts.meta.get('hookpoint') == hookpoint
-          and np.array_equal(contexts.latents, np.asarray(latents, np.int64)))
+  return (
+    contexts.meta.get('settings') == dataclasses.asdict(settings)
+    and contexts.meta.get('hookpoint') == hookpoint
+    and np.array_equal(contexts.latents, np.asarray(latents, np.int64))
+  )
 
 
 def contexts_path(run: str, seed: str) -> str:

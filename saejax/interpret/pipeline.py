@@ -74,8 +74,10 @@ def finished_latents(path: str, settings_id: str) -> set[int]:
   records = read_scores(path)
   other = {r.get('settings_id') for r in records} - {settings_id}
   if other:
-    raise SettingsMismatchError(f'{path} holds latents scored with other settings or model ({sorted(other)[0]}); '
-                                'rerun with the same flags, or move the file away to start over')
+    raise SettingsMismatchError(
+      f'{path} holds latents scored with other settings or model ({sorted(other)[0]}); '
+      'rerun with the same flags, or move the file away to start over'
+    )
   return {int(r['latent']) for r in records}
 
 
@@ -130,9 +132,13 @@ def score_latents(
     for latent in batch:
       index = contexts.index_of(latent)
       shown = _texts(contexts, index, 'top', decode, True)[: settings.explain_examples]
-      base = {'seed': seed_name, 'latent': latent, 'settings_id': settings_id,
-              'fired_windows': int(contexts.arrays['fired_windows'][index]),
-              'max_activation': float(contexts.arrays['top_value'][index].max(initial=0.0))}
+      base = {
+        'seed': seed_name,
+        'latent': latent,
+        'settings_id': settings_id,
+        'fired_windows': int(contexts.arrays['fired_windows'][index]),
+        'max_activation': float(contexts.arrays['top_value'][index].max(initial=0.0)),
+      }
       if not shown:
         records[latent] = {**base, 'explanation': None, 'score': None, 'status': 'no activating windows'}
       else:

@@ -67,8 +67,10 @@ def explain_messages(examples: Sequence[str]) -> list[dict[str, str]]:
 def detect_messages(explanation: str, examples: Sequence[str]) -> list[dict[str, str]]:
   """Chat messages asking which of the numbered `examples` activate the latent described by `explanation`."""
   body = '\n'.join(f'{i + 1}. {text}' for i, text in enumerate(examples))
-  user = (f'DETECT which excerpts activate the latent.\nExplanation: {explanation.translate(_ONE_LINE)}\n\n'
-          f'Excerpts:\n{body}\n\nAnswer with a JSON list of {len(examples)} integers (1 = fires, 0 = does not).')
+  user = (
+    f'DETECT which excerpts activate the latent.\nExplanation: {explanation.translate(_ONE_LINE)}\n\n'
+    f'Excerpts:\n{body}\n\nAnswer with a JSON list of {len(examples)} integers (1 = fires, 0 = does not).'
+  )
   return [{'role': 'system', 'content': DETECT_SYSTEM}, {'role': 'user', 'content': user}]
 
 

@@ -10,6 +10,12 @@ from saejax.models.config import FAMILIES, ModelConfig, RopeSpec, from_hf_config
 from saejax.models.model import LanguageModel, load_pretrained, read_config
 
 __all__ = [
-  'FAMILIES', 'LanguageModel', 'ModelConfig', 'RopeSpec', 'from_hf_config', 'load_pretrained', 'parse_hookpoint',
+  'FAMILIES',
+  'LanguageModel',
+  'ModelConfig',
+  'RopeSpec',
+  'from_hf_config',
+  'load_pretrained',
+  'parse_hookpoint',
   'read_config',
 ]

@@ -30,8 +30,15 @@ from saejax.sharding import MODEL
 
 # What a forward and a tokenizer need; the Hub's pytorch / tf / flax weight files are never fetched.
 ALLOW_PATTERNS = [
-  'config.json', 'generation_config.json', '*.safetensors', 'model.safetensors.index.json', 'tokenizer.json',
-  'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json', 'merges.txt',
+  'config.json',
+  'generation_config.json',
+  '*.safetensors',
+  'model.safetensors.index.json',
+  'tokenizer.json',
+  'tokenizer_config.json',
+  'special_tokens_map.json',
+  'vocab.json',
+  'merges.txt',
 ]
 _HINT = 'point it at a local copy with --config.model=/path/to/folder (holding config.json and *.safetensors)'
 
@@ -207,10 +214,14 @@ def _neox(cfg: ModelConfig, files: TensorFiles, put: Placer) -> dict:
     mlp = {}
     _linear(files, put, mlp, f'{pre}.mlp.dense_h_to_4h', 'w_up', 'b_up', COL)
     _linear(files, put, mlp, f'{pre}.mlp.dense_4h_to_h', 'w_down', 'b_down', ROW)
-    params['layers'].append({
-      'ln1': _norm(files, put, f'{pre}.input_layernorm'), 'ln2': _norm(files, put, f'{pre}.post_attention_layernorm'),
-      'attn': attn, 'mlp': mlp,
-    })
+    params['layers'].append(
+      {
+        'ln1': _norm(files, put, f'{pre}.input_layernorm'),
+        'ln2': _norm(files, put, f'{pre}.post_attention_layernorm'),
+        'attn': attn,
+        'mlp': mlp,
+      }
+    )
   params['final_norm'] = _norm(files, put, 'gpt_neox.final_layer_norm')
   _unembed(cfg, files, put, params, 'embed_out.weight')
   return params
@@ -220,22 +231,30 @@ def _gpt2(cfg: ModelConfig, files: TensorFiles, put: Placer) -> dict:
   # Hub files name keys `h.0...`; files saved by transformers 5 prefix them with `transformer.`.
   pre = 'transformer.' if 'transformer.wte.weight' in files else ''
   d = cfg.d_model
-  params = {'embed': put(files.get(f'{pre}wte.weight'), 0), 'pos_embed': put(files.get(f'{pre}wpe.weight')),
-            'layers': []}
+  params = {
+    'embed': put(files.get(f'{pre}wte.weight'), 0),
+    'pos_embed': put(files.get(f'{pre}wpe.weight')),
+    'layers': [],
+  }
   for i in range(cfg.num_layers):
     block = f'{pre}h.{i}'
     # Conv1D is already (in, out) and c_attn's columns are contiguous [Q | K | V] blocks.
     qkv_dx3d = files.get(f'{block}.attn.c_attn.weight')
-    attn = {w: put(qkv_dx3d[:, j * d:(j + 1) * d], COL) for j, w in enumerate(('wq', 'wk', 'wv'))}
+    attn = {w: put(qkv_dx3d[:, j * d : (j + 1) * d], COL) for j, w in enumerate(('wq', 'wk', 'wv'))}
     qkv_bias_3d = files.get(f'{block}.attn.c_attn.bias')
-    attn.update({b: put(qkv_bias_3d[j * d:(j + 1) * d]) for j, b in enumerate(('bq', 'bk', 'bv'))})
+    attn.update({b: put(qkv_bias_3d[j * d : (j + 1) * d]) for j, b in enumerate(('bq', 'bk', 'bv'))})
     _linear(files, put, attn, f'{block}.attn.c_proj', 'wo', 'bo', ROW, transpose=False)
     mlp = {}
     _linear(files, put, mlp, f'{block}.mlp.c_fc', 'w_up', 'b_up', COL, transpose=False)
     _linear(files, put, mlp, f'{block}.mlp.c_proj', 'w_down', 'b_down', ROW, transpose=False)
-    params['layers'].append({
-      'ln1': _norm(files, put, f'{block}.ln_1'), 'ln2': _norm(files, put, f'{block}.ln_2'), 'attn': attn, 'mlp': mlp,
-    })
+    params['layers'].append(
+      {
+        'ln1': _norm(files, put, f'{block}.ln_1'),
+        'ln2': _norm(files, put, f'{block}.ln_2'),
+        'attn': attn,
+        'mlp': mlp,
+      }
+    )
   params['final_norm'] = _norm(files, put, f'{pre}ln_f')
   _unembed(cfg, files, put, params, 'lm_head.weight')
   return params
@@ -250,10 +269,14 @@ def _llama(cfg: ModelConfig, files: TensorFiles, put: Placer) -> dict:
       _linear(files, put, attn, f'{pre}.self_attn.{proj}_proj', f'w{proj}', f'b{proj}', axis)
     for proj, axis in (('gate', COL), ('up', COL), ('down', ROW)):
       _linear(files, put, mlp, f'{pre}.mlp.{proj}_proj', f'w_{proj}', f'b_{proj}', axis)
-    params['layers'].append({
-      'ln1': _norm(files, put, f'{pre}.input_layernorm'), 'ln2': _norm(files, put, f'{pre}.post_attention_layernorm'),
-      'attn': attn, 'mlp': mlp,
-    })
+    params['layers'].append(
+      {
+        'ln1': _norm(files, put, f'{pre}.input_layernorm'),
+        'ln2': _norm(files, put, f'{pre}.post_attention_layernorm'),
+        'attn': attn,
+        'mlp': mlp,
+      }
+    )
   params['final_norm'] = _norm(files, put, 'model.norm')
   _unembed(cfg, files, put, params, 'lm_head.weight')
   return params

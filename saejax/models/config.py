@@ -87,8 +87,9 @@ def parse_hookpoint(name: str, num_layers: int | None = None) -> tuple[int, str]
     )
   layer, kind = int(match.group(1)), match.group(2) or 'resid'
   if num_layers is not None and layer >= num_layers:
-    raise ValueError(f'hookpoint {name!r} is out of range: the model has {num_layers} layers (layers.0 .. '
-                     f'layers.{num_layers - 1})')
+    raise ValueError(
+      f'hookpoint {name!r} is out of range: the model has {num_layers} layers (layers.0 .. layers.{num_layers - 1})'
+    )
   return layer, kind
 
 
@@ -104,8 +105,9 @@ def family_of(raw: dict[str, Any]) -> str:
     if arch in _ARCHITECTURES:
       return _ARCHITECTURES[arch]
   name = model_type or (raw.get('architectures') or ['?'])[0]
-  raise ValueError(f'unsupported architecture {name!r}: supported are {", ".join(FAMILIES)} '
-                   f'({", ".join(_ARCHITECTURES)})')
+  raise ValueError(
+    f'unsupported architecture {name!r}: supported are {", ".join(FAMILIES)} ({", ".join(_ARCHITECTURES)})'
+  )
 
 
 def _first(raw: dict[str, Any], *keys: str, default: Any = None) -> Any:
@@ -164,24 +166,39 @@ def from_hf_config(raw: dict[str, Any]) -> ModelConfig:
     d_model = int(_first(raw, 'n_embd', 'hidden_size'))
     num_heads = int(_first(raw, 'n_head', 'num_attention_heads'))
     return ModelConfig(
-      **common, num_layers=int(_first(raw, 'n_layer', 'num_hidden_layers')), d_model=d_model,
-      num_heads=num_heads, num_kv_heads=num_heads, head_dim=d_model // num_heads,
-      intermediate_size=int(_first(raw, 'n_inner', default=4 * d_model)), norm='layernorm',
+      **common,
+      num_layers=int(_first(raw, 'n_layer', 'num_hidden_layers')),
+      d_model=d_model,
+      num_heads=num_heads,
+      num_kv_heads=num_heads,
+      head_dim=d_model // num_heads,
+      intermediate_size=int(_first(raw, 'n_inner', default=4 * d_model)),
+      norm='layernorm',
       norm_eps=float(_first(raw, 'layer_norm_epsilon', default=1e-5)),
-      activation=_check_activation(_first(raw, 'activation_function', default='gelu_new')), gated_mlp=False,
-      parallel_residual=False, tie_word_embeddings=bool(raw.get('tie_word_embeddings', True)),
+      activation=_check_activation(_first(raw, 'activation_function', default='gelu_new')),
+      gated_mlp=False,
+      parallel_residual=False,
+      tie_word_embeddings=bool(raw.get('tie_word_embeddings', True)),
       max_position_embeddings=int(_first(raw, 'n_positions', 'max_position_embeddings', default=1024)),
-      learned_positions=True, attn_scale_by_layer=bool(raw.get('scale_attn_by_inverse_layer_idx', False)),
+      learned_positions=True,
+      attn_scale_by_layer=bool(raw.get('scale_attn_by_inverse_layer_idx', False)),
     )
   d_model = int(raw['hidden_size'])
   num_heads = int(raw['num_attention_heads'])
   head_dim = int(raw.get('head_dim') or d_model // num_heads)
   if family == 'gpt_neox':
     return ModelConfig(
-      **common, num_layers=int(raw['num_hidden_layers']), d_model=d_model, num_heads=num_heads,
-      num_kv_heads=num_heads, head_dim=head_dim, intermediate_size=int(raw['intermediate_size']),
-      norm='layernorm', norm_eps=float(raw.get('layer_norm_eps', 1e-5)),
-      activation=_check_activation(raw.get('hidden_act', 'gelu')), gated_mlp=False,
+      **common,
+      num_layers=int(raw['num_hidden_layers']),
+      d_model=d_model,
+      num_heads=num_heads,
+      num_kv_heads=num_heads,
+      head_dim=head_dim,
+      intermediate_size=int(raw['intermediate_size']),
+      norm='layernorm',
+      norm_eps=float(raw.get('layer_norm_eps', 1e-5)),
+      activation=_check_activation(raw.get('hidden_act', 'gelu')),
+      gated_mlp=False,
       parallel_residual=bool(raw.get('use_parallel_residual', True)),
       tie_word_embeddings=bool(raw.get('tie_word_embeddings', False)),
       max_position_embeddings=int(raw.get('max_position_embeddings', 2048)),
@@ -190,10 +207,18 @@ def from_hf_config(raw: dict[str, Any]) -> ModelConfig:
   if raw.get('pretraining_tp', 1) not in (1, None):
     raise ValueError('Llama configs with pretraining_tp > 1 are not supported')
   return ModelConfig(
-    **common, num_layers=int(raw['num_hidden_layers']), d_model=d_model, num_heads=num_heads,
-    num_kv_heads=int(raw.get('num_key_value_heads') or num_heads), head_dim=head_dim,
-    intermediate_size=int(raw['intermediate_size']), norm='rmsnorm', norm_eps=float(raw.get('rms_norm_eps', 1e-6)),
-    activation=_check_activation(raw.get('hidden_act', 'silu')), gated_mlp=True, parallel_residual=False,
+    **common,
+    num_layers=int(raw['num_hidden_layers']),
+    d_model=d_model,
+    num_heads=num_heads,
+    num_kv_heads=int(raw.get('num_key_value_heads') or num_heads),
+    head_dim=head_dim,
+    intermediate_size=int(raw['intermediate_size']),
+    norm='rmsnorm',
+    norm_eps=float(raw.get('rms_norm_eps', 1e-6)),
+    activation=_check_activation(raw.get('hidden_act', 'silu')),
+    gated_mlp=True,
+    parallel_residual=False,
     tie_word_embeddings=bool(raw.get('tie_word_embeddings', False)),
     max_position_embeddings=int(raw.get('max_position_embeddings', 2048)),
     rope=_rope_spec(raw, head_dim, default_fraction=1.0, default_theta=10000.0),

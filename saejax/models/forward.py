@@ -51,8 +51,9 @@ def unembed(cfg: ModelConfig, params: dict, x_BxTxD: jax.Array, precision) -> ja
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'taps', 'want_logits'))
-def forward(params: dict, tokens_BxT: jax.Array, replace: dict, *, cfg: ModelConfig, taps: tuple[str, ...],
-            want_logits: bool):
+def forward(
+  params: dict, tokens_BxT: jax.Array, replace: dict, *, cfg: ModelConfig, taps: tuple[str, ...], want_logits: bool
+):
   """Runs `len(params['layers'])` blocks; returns ({hookpoint: [B, T, d]}, logits [B, T, V] f32 or None).
 
   `replace` maps hookpoint -> `jax.tree_util.Partial`: its arguments are traced like any other input, so an

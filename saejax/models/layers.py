@@ -95,9 +95,10 @@ def attention(cfg: ModelConfig, params: dict, x_BxTxD: jax.Array, layer: int, ro
   scale = K**-0.5 / ((layer + 1) if cfg.attn_scale_by_layer else 1)
   # Grouped-query attention: kv head g serves query heads g*R .. (g+1)*R - 1, so split H as (G, R).
   q_BxTxGxRxK = q_BxTxHxK.reshape(B, T, G, H // G, K)
-  scores_BxGxRxTxS = jnp.einsum(
-    'btgrk,bsgk->bgrts', q_BxTxGxRxK, k_BxTxGxK, precision=precision, preferred_element_type=jnp.float32
-  ) * scale
+  scores_BxGxRxTxS = (
+    jnp.einsum('btgrk,bsgk->bgrts', q_BxTxGxRxK, k_BxTxGxK, precision=precision, preferred_element_type=jnp.float32)
+    * scale
+  )
   causal_TxS = np.tril(np.ones((T, T), dtype=bool))
   scores_BxGxRxTxS = jnp.where(causal_TxS, scores_BxGxRxTxS, jnp.finfo(jnp.float32).min)
   probs_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS, axis=-1).astype(v_BxTxGxK.dtype)

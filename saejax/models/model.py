@@ -95,12 +95,17 @@ class LanguageModel:
     stop_layer = self.config.num_layers - 1 if want_logits else max(layers_needed)
     params = forward_lib.trim_params(self.params, stop_layer, want_logits)
     return forward_lib.forward(
-      params, self._tokens(tokens_BxT), forward_lib.as_partials(replace),
-      cfg=self.config, taps=taps, want_logits=want_logits,
+      params,
+      self._tokens(tokens_BxT),
+      forward_lib.as_partials(replace),
+      cfg=self.config,
+      taps=taps,
+      want_logits=want_logits,
     )
 
-  def activations(self, tokens_BxT, hookpoints: Iterable[str],
-                  replace: Mapping[str, Callable] | None = None) -> dict[str, jax.Array]:
+  def activations(
+    self, tokens_BxT, hookpoints: Iterable[str], replace: Mapping[str, Callable] | None = None
+  ) -> dict[str, jax.Array]:
     """{hookpoint: [B, T, d]} in the model dtype; only layers up to the deepest hookpoint are computed."""
     hookpoints = list(hookpoints)
     if not hookpoints:

@@ -14,20 +14,45 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-PYTHIA_160M = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                   vocab_size=50304, rotary_pct=0.25, max_position_embeddings=2048)
+PYTHIA_160M = dict(
+  hidden_size=768,
+  num_hidden_layers=12,
+  num_attention_heads=12,
+  intermediate_size=3072,
+  vocab_size=50304,
+  rotary_pct=0.25,
+  max_position_embeddings=2048,
+)
 
 
-def neox_config(hidden_size: int, num_hidden_layers: int, num_attention_heads: int, intermediate_size: int,
-                vocab_size: int, rotary_pct: float = 0.25, max_position_embeddings: int = 2048,
-                eos_token_id: int = 0) -> dict:
+def neox_config(
+  hidden_size: int,
+  num_hidden_layers: int,
+  num_attention_heads: int,
+  intermediate_size: int,
+  vocab_size: int,
+  rotary_pct: float = 0.25,
+  max_position_embeddings: int = 2048,
+  eos_token_id: int = 0,
+) -> dict:
   return {
-    'architectures': ['GPTNeoXForCausalLM'], 'model_type': 'gpt_neox', 'hidden_size': hidden_size,
-    'num_hidden_layers': num_hidden_layers, 'num_attention_heads': num_attention_heads,
-    'intermediate_size': intermediate_size, 'vocab_size': vocab_size, 'rotary_pct': rotary_pct,
-    'rotary_emb_base': 10000, 'max_position_embeddings': max_position_embeddings, 'layer_norm_eps': 1e-5,
-    'hidden_act': 'gelu', 'use_parallel_residual': True, 'tie_word_embeddings': False,
-    'bos_token_id': eos_token_id, 'eos_token_id': eos_token_id, 'torch_dtype': 'float16',
+    'architectures': ['GPTNeoXForCausalLM'],
+    'model_type': 'gpt_neox',
+    'hidden_size': hidden_size,
+    'num_hidden_layers': num_hidden_layers,
+    'num_attention_heads': num_attention_heads,
+    'intermediate_size': intermediate_size,
+    'vocab_size': vocab_size,
+    'rotary_pct': rotary_pct,
+    'rotary_emb_base': 10000,
+    'max_position_embeddings': max_position_embeddings,
+    'layer_norm_eps': 1e-5,
+    'hidden_act': 'gelu',
+    'use_parallel_residual': True,
+    'tie_word_embeddings': False,
+    'bos_token_id': eos_token_id,
+    'eos_token_id': eos_token_id,
+    'torch_dtype': 'float16',
   }
 
 
@@ -47,19 +72,30 @@ def write_random_neox(folder: str, seed: int = 0, dtype=np.float16, **sizes) -> 
   def zeros(n):
     return np.zeros(n, save_dtype)
 
-  tensors = {'gpt_neox.embed_in.weight': normal(vocab, d), 'embed_out.weight': normal(vocab, d),
-             'gpt_neox.final_layer_norm.weight': ones(d), 'gpt_neox.final_layer_norm.bias': zeros(d)}
+  tensors = {
+    'gpt_neox.embed_in.weight': normal(vocab, d),
+    'embed_out.weight': normal(vocab, d),
+    'gpt_neox.final_layer_norm.weight': ones(d),
+    'gpt_neox.final_layer_norm.bias': zeros(d),
+  }
   for layer in range(config['num_hidden_layers']):
     prefix = f'gpt_neox.layers.{layer}.'
-    tensors.update({
-      prefix + 'input_layernorm.weight': ones(d), prefix + 'input_layernorm.bias': zeros(d),
-      prefix + 'post_attention_layernorm.weight': ones(d), prefix + 'post_attention_layernorm.bias': zeros(d),
-      prefix + 'attention.query_key_value.weight': normal(3 * d, d),
-      prefix + 'attention.query_key_value.bias': zeros(3 * d),
-      prefix + 'attention.dense.weight': normal(d, d), prefix + 'attention.dense.bias': zeros(d),
-      prefix + 'mlp.dense_h_to_4h.weight': normal(inner, d), prefix + 'mlp.dense_h_to_4h.bias': zeros(inner),
-      prefix + 'mlp.dense_4h_to_h.weight': normal(d, inner), prefix + 'mlp.dense_4h_to_h.bias': zeros(d),
-    })
+    tensors.update(
+      {
+        prefix + 'input_layernorm.weight': ones(d),
+        prefix + 'input_layernorm.bias': zeros(d),
+        prefix + 'post_attention_layernorm.weight': ones(d),
+        prefix + 'post_attention_layernorm.bias': zeros(d),
+        prefix + 'attention.query_key_value.weight': normal(3 * d, d),
+        prefix + 'attention.query_key_value.bias': zeros(3 * d),
+        prefix + 'attention.dense.weight': normal(d, d),
+        prefix + 'attention.dense.bias': zeros(d),
+        prefix + 'mlp.dense_h_to_4h.weight': normal(inner, d),
+        prefix + 'mlp.dense_h_to_4h.bias': zeros(inner),
+        prefix + 'mlp.dense_4h_to_h.weight': normal(d, inner),
+        prefix + 'mlp.dense_4h_to_h.bias': zeros(d),
+      }
+    )
   os.makedirs(folder, exist_ok=True)
   save_file(tensors, os.path.join(folder, 'model.safetensors'))
   with open(os.path.join(folder, 'config.json'), 'w') as f:

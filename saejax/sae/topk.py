@@ -17,8 +17,15 @@ def _autoencode(params, x_BxD, k, spec, mask_bias_F=None):
   if mask_bias_F is None:
     mask_bias_F = jnp.zeros_like(params['b_enc'])
   return kernels.topk_autoencode(
-    x_BxD, params['b_dec'], params['W_enc'], params['b_enc'], params['W_dec'], mask_bias_F,
-    k, spec.latent_shards, spec.chunk_tokens,
+    x_BxD,
+    params['b_dec'],
+    params['W_enc'],
+    params['b_enc'],
+    params['W_dec'],
+    mask_bias_F,
+    k,
+    spec.latent_shards,
+    spec.chunk_tokens,
   )
 
 

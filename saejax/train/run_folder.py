@@ -71,8 +71,9 @@ def prepare(workdir: str, config: TrainConfig, write: bool = True) -> None:
     try:
       storage.makedirs(workdir)
     except OSError as error:
-      raise ValueError(f'cannot create the run folder {workdir} ({error.strerror or error}); '
-                       'pass a --workdir you can write to') from error
+      raise ValueError(
+        f'cannot create the run folder {workdir} ({error.strerror or error}); pass a --workdir you can write to'
+      ) from error
   path = storage.join(workdir, CONFIG)
   if storage.exists(path):
     saved = read_config(workdir)

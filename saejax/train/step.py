@@ -31,8 +31,9 @@ def seed_keys(init_seeds: Sequence[int]) -> jax.Array:
   return jnp.stack([jax.random.PRNGKey(seed) for seed in init_seeds])
 
 
-def init_state(arch: sae_lib.Architecture, spec: sae_lib.SaeSpec, tx: optax.GradientTransformation,
-               init_seeds: Sequence[int]) -> TrainState:
+def init_state(
+  arch: sae_lib.Architecture, spec: sae_lib.SaeSpec, tx: optax.GradientTransformation, init_seeds: Sequence[int]
+) -> TrainState:
   params = jax.vmap(lambda key: arch.init(key, spec))(seed_keys(init_seeds))
   return {
     'params': params,
@@ -56,8 +57,13 @@ def set_b_dec(state: TrainState, b_dec_D: jax.Array) -> TrainState:
   return {**state, 'params': {**params, 'b_dec': b_dec_SxD}}
 
 
-def make_train_step(arch: sae_lib.Architecture, spec: sae_lib.SaeSpec, tx: optax.GradientTransformation,
-                    dead_tokens: int, seed_group_size: int = 0) -> Callable[[TrainState, jax.Array], tuple]:
+def make_train_step(
+  arch: sae_lib.Architecture,
+  spec: sae_lib.SaeSpec,
+  tx: optax.GradientTransformation,
+  dead_tokens: int,
+  seed_group_size: int = 0,
+) -> Callable[[TrainState, jax.Array], tuple]:
   """Returns the pure step `(state, x_BxD) -> (state, metrics)`; metrics hold one value per seed.
 
   `seed_group_size` g > 0 runs the seeds as a sequential loop over groups of g vmapped seeds: the same
@@ -90,8 +96,9 @@ def make_train_step(arch: sae_lib.Architecture, spec: sae_lib.SaeSpec, tx: optax
     if num_seeds % seed_group_size:
       raise ValueError(f'seed_group_size={seed_group_size} must divide the {num_seeds} seeds')
     groups = num_seeds // seed_group_size
-    metrics_shape = jax.eval_shape(all_seeds_step, *jax.tree.map(lambda a: a[:seed_group_size],
-                                                                 (params, opt_state, since_fired)), x_BxD)[-1]
+    metrics_shape = jax.eval_shape(
+      all_seeds_step, *jax.tree.map(lambda a: a[:seed_group_size], (params, opt_state, since_fired)), x_BxD
+    )[-1]
     metrics = jax.tree.map(lambda m: jnp.zeros((num_seeds, *m.shape[1:]), m.dtype), metrics_shape)
 
     def group_step(group, carry):

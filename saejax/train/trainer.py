@@ -71,9 +71,7 @@ class _Stop:
 def _check_finite(metrics: dict[str, np.ndarray], step: int, seeds: tuple[int, ...], hookpoint: str | None) -> None:
   where = f' at {hookpoint}' if hookpoint else ''
   if not bool(metrics['input_finite']):
-    raise NonFiniteError(
-      f'non-finite activations{where} in the batch of step {step}; the last good checkpoint is kept'
-    )
+    raise NonFiniteError(f'non-finite activations{where} in the batch of step {step}; the last good checkpoint is kept')
   bad = [seed for seed, loss in zip(seeds, metrics['loss']) if not np.isfinite(loss)]
   if bad:
     raise NonFiniteError(
@@ -115,7 +113,10 @@ class Trainer:
 
   def compiled_step(self, states: dict[str, step_lib.TrainState]):
     step_fn = step_lib.make_train_step(
-      self.arch, self.spec, self.tx, self.config.dead_tokens,
+      self.arch,
+      self.spec,
+      self.tx,
+      self.config.dead_tokens,
       self.config.resolved_seed_group_size(self.mesh.devices.flat[0].platform),
     )
     return step_lib.jit_train_step(step_fn, states, self.mesh, self.config.num_latents)
@@ -159,8 +160,14 @@ class Trainer:
     num_steps = config.num_steps
     started = time.time()
     pending = None  # (step, device metrics) of the last dispatched step, read one step late
-    bar = tqdm(total=num_steps, initial=start, desc='train', unit='step', dynamic_ncols=True,
-               disable=None if jax.process_index() == 0 else True)
+    bar = tqdm(
+      total=num_steps,
+      initial=start,
+      desc='train',
+      unit='step',
+      dynamic_ncols=True,
+      disable=None if jax.process_index() == 0 else True,
+    )
 
     def drain():
       nonlocal pending
@@ -209,8 +216,16 @@ class Trainer:
       self.metrics_log.append(record)
     fvu, l0, dead = (float(np.mean(host[n])) for n in ('fvu', 'l0', 'dead_fraction'))
     bar.set_postfix(fvu=f'{fvu:.4f}', l0=f'{l0:.1f}', dead=f'{dead:.3f}')
-    logging.info('step %d/%d  %s  fvu %.4f  l0 %.1f  dead %.3f  lr %.2e', step, self.config.num_steps, hookpoint,
-                 fvu, l0, dead, record['lr'])
+    logging.info(
+      'step %d/%d  %s  fvu %.4f  l0 %.1f  dead %.3f  lr %.2e',
+      step,
+      self.config.num_steps,
+      hookpoint,
+      fvu,
+      l0,
+      dead,
+      record['lr'],
+    )
 
   def _finish(self, states) -> dict[str, Any]:
     """Exports every seed of every hookpoint in both layouts and writes summary.json."""
@@ -222,7 +237,8 @@ class Trainer:
       params = host_params(states[key]['params'])
       last = [r for r in records if r.get('hookpoint', hookpoint) == hookpoint][-1:] or [{}]
       per_hookpoint[hookpoint] = {
-        'final': last[0], **self.source.final_report(params, self.spec, config.num_steps, hookpoint)
+        'final': last[0],
+        **self.source.final_report(params, self.spec, config.num_steps, hookpoint),
       }
       if jax.process_index() == 0:
         self._export(hookpoint, params)
@@ -240,8 +256,9 @@ class Trainer:
     for index, seed in enumerate(config.init_seeds):
       seed_params = {name: np.asarray(value[index]) for name, value in params.items()}
       formats.save_eleuther(run_folder.sae_dir(self.workdir, hookpoint, seed), seed_params, **sizes)
-      formats.save_saelens(run_folder.sae_dir(self.workdir, hookpoint, seed, 'saelens'), seed_params,
-                           hook_name=hookpoint, **sizes)
+      formats.save_saelens(
+        run_folder.sae_dir(self.workdir, hookpoint, seed, 'saelens'), seed_params, hook_name=hookpoint, **sizes
+      )
 
 
 def host_params(params: dict[str, jax.Array]) -> dict[str, np.ndarray]:
@@ -256,8 +273,9 @@ def train(config: TrainConfig, workdir: str) -> RunResult:
   return Trainer(config, workdir).run()
 
 
-def train_in_memory(config: TrainConfig, mesh: jax.sharding.Mesh | None = None,
-                    num_steps: int | None = None) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+def train_in_memory(
+  config: TrainConfig, mesh: jax.sharding.Mesh | None = None, num_steps: int | None = None
+) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
   """Trains without touching disk (for notebooks and tests): returns host params [S, ...] and per-step metrics."""
   trainer = Trainer(config, workdir='', mesh=mesh)
   states = trainer.fresh_state()
