@@ -22,11 +22,13 @@ from absl import app, flags  # noqa: E402
 from experiments.ablations import SWEEPS  # noqa: E402
 from saejax import storage  # noqa: E402
 from saejax.analysis.figures import save_png_atomic  # noqa: E402
+from saejax.analysis.pairs import SUMMARY_KEYS  # noqa: E402
 
 _ROOT = flags.DEFINE_string('root', 'runs', 'The --root the sweeps ran under.')
 _OUT = flags.DEFINE_string('out', None, 'Output folder (default ROOT/figures).')
 
-NUMERIC_FIELDS = ('num_latents', 'k', 'num_tokens')
+# The numeric per-pair keys of an alignment's summary.json, each averaged over the run's pairs.
+AVERAGED_KEYS = SUMMARY_KEYS[: SUMMARY_KEYS.index('mean_max_cos_dec') + 1]
 
 
 def collect(root: str) -> tuple[dict[str, list[dict]], list[str]]:
@@ -44,15 +46,7 @@ def collect(root: str) -> tuple[dict[str, list[dict]], list[str]]:
       config = storage.read_json(storage.join(workdir, 'config.json'))
       pairs = storage.read_json(summary_path)['pairs']
       row = {'run': run.name, 'field': run.varied, 'value': config.get(run.varied), 'pairs': len(pairs)}
-      for key in (
-        'shared_fraction',
-        'shared_fraction_notebook',
-        'partner_agreement',
-        'mean_cos_enc',
-        'mean_cos_dec',
-        'mean_max_cos_enc',
-        'mean_max_cos_dec',
-      ):
+      for key in AVERAGED_KEYS:
         row[key] = float(np.mean([p[key] for p in pairs]))
       rows.append(row)
     if rows:

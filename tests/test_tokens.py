@@ -12,23 +12,8 @@ import pytest  # noqa: E402
 from saejax.data.memmap import MemmapTokenStream  # noqa: E402
 from saejax.data.text import TextTokenStream  # noqa: E402
 from saejax.data.tokens import StreamExhaustedError, open_token_stream, token_mask  # noqa: E402
+from tests.tiny_lm import WORDS  # noqa: E402
 
-WORDS = [
-  'the',
-  'a',
-  'sparse',
-  'autoencoder',
-  'latent',
-  'feature',
-  'model',
-  'token',
-  'layer',
-  'seed',
-  'dictionary',
-  'matches',
-  'across',
-  'runs',
-]
 EOS = 0  # '<|endoftext|>' is the tokenizer's first special token
 
 
