@@ -16,3 +16,21 @@ jax.config.update('jax_num_cpu_devices', 8)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+
+def _smollm2_gguf():
+  """SmolLM2-135M's GGUF from saejax's per-machine cache, fetched (93 MB, once per machine) if absent."""
+  from saejax.models import registry
+
+  try:
+    return registry.gguf_file('smollm2')
+  except FileNotFoundError:
+    return registry.fetch('smollm2')
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def smollm2_gguf():
+  return _smollm2_gguf()

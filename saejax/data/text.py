@@ -1,10 +1,10 @@
-"""Text token streams: documents from `datasets`, tokenized with the model's `tokenizer.json`, in fixed rows.
+"""Text token streams: documents from `datasets`, tokenized with the model's tokenizer, in fixed rows.
 
-Text is tokenized with the model's `tokenizer.json` (no special tokens added unless asked), each document is
-followed by `eos_id`, and the concatenation is cut into `context_length`-token sequences (recipe section 3).
-Every host reads and tokenizes the whole text stream and keeps its own rows. The stream's state records the
-documents consumed and the token offset into the next one, so a restore skips those documents without
-tokenizing them (the `TokenStream` contract is in `saejax.data.tokens`).
+Text is tokenized with the model's `tokenizer.json`, or the tokenizer a `.gguf` file's metadata describes (no
+special tokens added unless asked), each document is followed by `eos_id`, and the concatenation is cut into
+`context_length`-token sequences (recipe section 3). Every host reads and tokenizes the whole text stream and
+keeps its own rows. The stream's state records the documents consumed and the token offset into the next one,
+so a restore skips those documents without tokenizing them (the `TokenStream` contract is in `saejax.data.tokens`).
 """
 
 from __future__ import annotations
@@ -93,18 +93,30 @@ def resolve_data_files(dataset: str | Sequence[str]) -> tuple[str, list[str]] | 
 
 
 def load_tokenizer(tokenizer: Any):
-  """(tokenizers.Tokenizer, folder or None) from a Tokenizer, a tokenizer.json file, or a model folder."""
+  """(tokenizers.Tokenizer, source) from a Tokenizer, a tokenizer.json file, a model folder, a `.gguf` file or a
+  known model name (`smollm2`).
+
+  `source` is where the EOS id is looked up: the folder holding tokenizer.json, the `.gguf` file (whose metadata
+  names it), or None for a Tokenizer passed in. A GGUF tokenizer is rebuilt from the file's metadata
+  (`saejax.models.tokenizer`).
+  """
   from tokenizers import Tokenizer
 
   if isinstance(tokenizer, Tokenizer):
     return tokenizer, None
   if tokenizer is None:
-    raise ValueError('a text dataset needs a tokenizer; pass tokenizer=<model folder with tokenizer.json>')
+    raise ValueError('a text dataset needs a tokenizer; pass tokenizer=<model folder with tokenizer.json, or a .gguf>')
+  from saejax.models import tokenizer as tokenizer_lib
+
+  gguf_path = tokenizer_lib.find_gguf(tokenizer)
+  if gguf_path is not None:
+    return tokenizer_lib.tokenizer_from_gguf(gguf_path), os.fspath(gguf_path)
   path = os.fspath(tokenizer)
   file = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path
   if not os.path.isfile(file):
     raise FileNotFoundError(
-      f'no tokenizer at {file!r}; pass a model folder that contains tokenizer.json (or the tokenizer.json file itself)'
+      f'no tokenizer at {file!r}; pass a model folder that contains tokenizer.json (or the tokenizer.json file '
+      f'itself), or a .gguf file'
     )
   loaded = Tokenizer.from_file(file)
   loaded.no_truncation()
@@ -113,7 +125,8 @@ def load_tokenizer(tokenizer: Any):
 
 
 def resolve_eos_id(tokenizer, folder: str | None) -> int:
-  """EOS id from the folder's config.json, then tokenizer_config.json, then a well-known EOS token name."""
+  """EOS id from a `.gguf` source's metadata; for a folder from its config.json, then tokenizer_config.json; then
+  a well-known EOS token name."""
 
   def read(name: str) -> dict[str, Any]:
     path = os.path.join(folder, name) if folder else ''
@@ -122,13 +135,21 @@ def resolve_eos_id(tokenizer, folder: str | None) -> int:
     with open(path) as f:
       return json.load(f)
 
-  eos = read('config.json').get('eos_token_id')
-  if isinstance(eos, list):
-    eos = eos[0] if eos else None
-  if eos is not None:
-    return int(eos)
-  token = read('tokenizer_config.json').get('eos_token')
-  token = token.get('content') if isinstance(token, dict) else token
+  if folder and os.path.isfile(folder):  # a .gguf file (see `load_tokenizer`)
+    from saejax.models import tokenizer as tokenizer_lib
+
+    eos = tokenizer_lib.gguf_special_ids(folder).get('eos')
+    if eos is not None:
+      return int(eos)
+    token = None
+  else:
+    eos = read('config.json').get('eos_token_id')
+    if isinstance(eos, list):
+      eos = eos[0] if eos else None
+    if eos is not None:
+      return int(eos)
+    token = read('tokenizer_config.json').get('eos_token')
+    token = token.get('content') if isinstance(token, dict) else token
   for name in ([token] if token else []) + list(EOS_NAMES):
     token_id = tokenizer.token_to_id(name)
     if token_id is not None:

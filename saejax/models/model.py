@@ -2,7 +2,8 @@
 
 Owns the public surface: which layers a request needs (the deepest hookpoint), where the token batch lives
 on the mesh, and the `replace` splice used to measure the downstream loss of an SAE reconstruction. The
-forward itself is `forward.forward`; the weights come from `checkpoint.resolve` and `checkpoint.load_params`.
+forward itself is `forward.forward`; the weights come from `checkpoint.resolve` and `checkpoint.load_params`
+(safetensors folders) or from `gguf.find` and `gguf.load` (llama.cpp `.gguf` files and registry names).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from saejax.models import config as config_lib
 from saejax.models import forward as forward_lib
+from saejax.models import gguf as gguf_lib
 from saejax.models.checkpoint import load_params, resolve
 from saejax.sharding import DATA
 
@@ -124,20 +126,33 @@ class LanguageModel:
     return logits_BxTxV
 
 
-def read_config(folder) -> config_lib.ModelConfig:
-  with open(os.path.join(folder, 'config.json')) as f:
+def read_config(path) -> config_lib.ModelConfig:
+  """The `ModelConfig` of a folder's `config.json`, or of a GGUF file / folder / registry name (no weights read)."""
+  gguf_path = gguf_lib.find(path)
+  if gguf_path is not None:
+    return gguf_lib.read_config(gguf_path)
+  with open(os.path.join(path, 'config.json')) as f:
     return config_lib.from_hf_config(json.load(f))
 
 
 def load_pretrained(path_or_id, dtype=jnp.float32, mesh: Mesh | None = None) -> LanguageModel:
-  """A GPT-NeoX, GPT-2 or Llama model from a local folder, the Hugging Face cache, or the Hub when online.
+  """A GPT-NeoX, GPT-2 or Llama model from a local folder, the Hugging Face cache, the Hub when online, or GGUF.
+
+  GGUF (llama.cpp's format; Llama architecture): a `.gguf` file, a folder holding exactly one `.gguf` and no
+  `config.json`, or a registry name such as `smollm2` (fetched once by `python -m experiments.fetch smollm2`);
+  every quantization type the `gguf` package can dequantize is read, and `model.path` is the `.gguf` file.
 
   Each tensor is cast to `dtype` and placed on its sharding over `mesh` as it is read (the default device when
   `mesh` is None). Raises FileNotFoundError (one line: where it looked, how to pass a local folder) when the
-  model cannot be found, and ValueError for an architecture other than GPT-NeoX, GPT-2 or Llama.
+  model cannot be found, and ValueError (one line) for an architecture other than GPT-NeoX, GPT-2 or Llama, or
+  a GGUF file that is truncated, not GGUF, or quantized in a type that cannot be dequantized.
   """
   if not any(jnp.dtype(dtype) == jnp.dtype(ok) for ok in _DTYPES):
     raise ValueError(f'dtype must be float32, bfloat16 or float16, got {dtype}')
+  gguf_path = gguf_lib.find(path_or_id)
+  if gguf_path is not None:
+    cfg, params = gguf_lib.load(gguf_path, jnp.dtype(dtype), mesh)
+    return LanguageModel(config=cfg, params=params, dtype=jnp.dtype(dtype), mesh=mesh, path=str(gguf_path))
   folder = resolve(path_or_id)
   cfg = read_config(folder)
   params = load_params(cfg, folder, jnp.dtype(dtype), mesh)
