@@ -3,6 +3,7 @@
   python -m experiments.benchmark train --d_in=768 --num_latents=8192 --k=32 --batch=2048 --seeds=1,9
   python -m experiments.benchmark align [--ns=4096,8192,16384,32768,131072]
   python -m experiments.benchmark lm --rows=2 --seeds=1,9 --num_latents=32768
+  python -m experiments.benchmark smollm2   # SmolLM2 GGUF vs transformers+torch, cache write/read, train from cache
 
 `train` times the full jitted step (all seeds) next to the unavoidable encoder product [B,d] x [d,M] for one
 seed, measured in the same process with the same dtype, and EleutherAI sparsify's own step at the same shapes
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments import bench_smollm2 as bench_smollm2_lib
 from saejax import sharding as shd
 from saejax.config import TrainConfig
 from saejax.train.trainer import Trainer
@@ -47,13 +49,32 @@ _LM_DTYPE = flags.DEFINE_enum('lm_dtype', 'float32', ['float32', 'bfloat16'], 'l
 _SPARSIFY = flags.DEFINE_bool('sparsify', True, "Also time EleutherAI sparsify's step at the same shapes.")
 
 
+def cpu_model() -> tuple[str, list[str]]:
+  """The CPU's model name and the vector extensions that decide matmul speed (bf16 needs avx512_bf16 or AMX)."""
+  name, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        if key.strip() == 'model name':
+          name = value.strip()
+        elif key.strip() == 'flags':
+          flags = set(value.split())
+          break
+  except OSError:
+    pass
+  return name, sorted(flags & {'avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile'})
+
+
 def machine() -> dict:
   device = jax.devices()[0]
+  name, vector_flags = cpu_model()
   return {
     'platform': device.platform,
     'device': device.device_kind,
     'num_devices': jax.device_count(),
-    'cpu': platform.processor() or platform.machine(),
+    'cpu': name,
+    'cpu_flags': vector_flags,
     'cpu_count': os.cpu_count(),
     'python': platform.python_version(),
     'jax': jax.__version__,
@@ -305,7 +326,17 @@ def bench_align_one_main() -> None:
   print(json.dumps(bench_align_one()), flush=True)
 
 
-BENCHES = {'train': bench_train, 'align': bench_align, 'align_one': bench_align_one_main, 'lm': bench_lm}
+def bench_smollm2() -> None:
+  bench_smollm2_lib.run(machine(), _REPEATS.value)
+
+
+BENCHES = {
+  'train': bench_train,
+  'align': bench_align,
+  'align_one': bench_align_one_main,
+  'lm': bench_lm,
+  'smollm2': bench_smollm2,
+}
 
 
 def main(argv: list[str]) -> None:

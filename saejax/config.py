@@ -9,9 +9,13 @@ import dataclasses
 import math
 from typing import Any
 
+from saejax import tuning
+
 ARCHITECTURES = ('topk', 'batchtopk', 'relu', 'gated', 'jumprelu')
-SOURCES = ('synthetic', 'lm')
+SOURCES = ('synthetic', 'lm', 'cache')
+LM_SOURCES = ('lm', 'cache')  # token sequences of a language model: whole sequences, several hookpoints
 B_DEC_INITS = ('mean', 'geometric_median')
+LM_DTYPES = ('auto', 'bfloat16', 'float32')
 
 
 @dataclasses.dataclass
@@ -54,15 +58,21 @@ class TrainConfig:
   feature_noise_std: float = 0.0
   feature_group_size: int = 1  # >1: features fire in correlated groups of this size
   feature_group_coactivation: float = 0.5
-  # Language-model source: a local folder, an HF-cache entry or a Hub id (online) for both.
+  # Language-model source: a local folder, an HF-cache entry or a Hub id (online) for both. With source='cache',
+  # `dataset` is an activation cache folder written by `python -m experiments.cache` (saejax/data/cache.py).
   model: str = 'EleutherAI/pythia-160m'
   dataset: str = 'EleutherAI/the_pile_deduplicated'
   dataset_split: str = 'train'
   text_column: str = 'text'
   context_length: int = 2049
-  lm_dtype: str = 'bfloat16'  # the paper ran the LM in bf16; SAEs always train in float32
+  # The paper ran the LM in bf16; 'auto' is saejax.tuning's per-platform choice. SAEs always train in float32.
+  lm_dtype: str = 'bfloat16'
   exclude_special_tokens: bool = False  # drop BOS/EOS positions from the activation stream
   eval_tokens: int = 1_000_000  # held-out tokens for CE-loss/KL/FVU evaluation at the end (0: skip)
+  # Text (or token rows) for that evaluation; '' means the training dataset after the trained batches (for a
+  # cache: the dataset it was written from, after the tokens it holds).
+  eval_dataset: str = ''
+  cache_epochs: int = 1  # source='cache': passes over the cache training may make (reshuffled each pass)
 
   # --- bookkeeping ---
   dead_tokens: int = 10_000_000
@@ -75,7 +85,7 @@ class TrainConfig:
   # Tokens per chunk in the sparse TopK kernels: bounds the gathered-rows working set.
   kernel_chunk_tokens: int = 32
   # 0 vmaps all seeds in one step; g > 0 loops over groups of g vmapped seeds (less memory; same SAEs);
-  # -1 picks per platform: 1 on CPU, where a seed's rows stay in cache, 0 on accelerators.
+  # -1 picks per platform (saejax.tuning): 1 on CPU, where a seed's rows stay in cache, 0 on accelerators.
   seed_group_size: int = -1
 
   def validate(self) -> None:
@@ -98,10 +108,11 @@ class TrainConfig:
       (self.kernel_chunk_tokens > 0, 'kernel_chunk_tokens must be positive'),
       (len(self.hookpoints) >= 1, 'hookpoint is empty; name one, e.g. layers.6.mlp'),
       (len(set(self.hookpoints)) == len(self.hookpoints), f'hookpoint={self.hookpoint!r} repeats a name'),
-      (self.source == 'lm' or len(self.hookpoints) == 1, 'several hookpoints need the LM source'),
-      (self.lm_dtype in ('bfloat16', 'float32'), f'lm_dtype={self.lm_dtype!r}; use bfloat16 or float32'),
+      (self.source in LM_SOURCES or len(self.hookpoints) == 1, 'several hookpoints need the lm or cache source'),
+      (self.cache_epochs >= 1, f'cache_epochs={self.cache_epochs} must be at least 1'),
+      (self.lm_dtype in LM_DTYPES, f'lm_dtype={self.lm_dtype!r}; use one of {", ".join(LM_DTYPES)}'),
       (
-        self.source != 'lm' or self.batch_size % self.context_length == 0,
+        self.source not in LM_SOURCES or self.batch_size % self.context_length == 0,
         f'batch_size={self.batch_size} must be a multiple of context_length={self.context_length} (whole sequences)',
       ),
     ]
@@ -112,7 +123,17 @@ class TrainConfig:
   def resolved_seed_group_size(self, platform: str) -> int:
     if self.seed_group_size >= 0:
       return self.seed_group_size
-    return 1 if platform == 'cpu' else 0
+    return tuning.seed_group_size(platform)
+
+  def resolved_lm_dtype(self, platform: str | None = None) -> str:
+    """'float32' or 'bfloat16': `lm_dtype`, with 'auto' resolved for `platform` (the default backend if None)."""
+    if self.lm_dtype != 'auto':
+      return self.lm_dtype
+    if platform is None:
+      import jax
+
+      platform = jax.default_backend()
+    return tuning.lm_dtype(platform)
 
   @property
   def hookpoints(self) -> list[str]:

@@ -17,7 +17,11 @@ def make_source(config, sharding: NamedSharding) -> ActivationSource:
     from saejax.data.lm import LMActivationSource
 
     return LMActivationSource(config, sharding)
-  raise ValueError(f'unknown source {config.source!r}; use synthetic or lm')
+  if config.source == 'cache':
+    from saejax.data.cache_source import CacheActivationSource
+
+    return CacheActivationSource(config, sharding)
+  raise ValueError(f'unknown source {config.source!r}; use synthetic, lm or cache')
 
 
 __all__ = ['ActivationSource', 'SourceUnavailableError', 'SyntheticSource', 'make_source', 'place_host_batch']

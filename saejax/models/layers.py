@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from saejax import tuning
 from saejax.models.config import ModelConfig
 
 
@@ -82,7 +83,44 @@ def apply_rope(x_BxTxHxK: jax.Array, cos_TxR: jax.Array, sin_TxR: jax.Array) -> 
   return jnp.concatenate([x_rot, x_pass], axis=-1) if x_pass.shape[-1] else x_rot
 
 
-def attention(cfg: ModelConfig, params: dict, x_BxTxD: jax.Array, layer: int, rope, precision) -> jax.Array:
+def _causal_scores_probs(q_BxTxGxRxK, k_BxSxGxK, query_start: int, scale: float, precision) -> jax.Array:
+  """Softmax over keys 0..S-1 of queries `query_start ...` (fp32 scores), causal: key s <= query t."""
+  scores_BxGxRxTxS = (
+    jnp.einsum('btgrk,bsgk->bgrts', q_BxTxGxRxK, k_BxSxGxK, precision=precision, preferred_element_type=jnp.float32)
+    * scale
+  )
+  T, S = q_BxTxGxRxK.shape[1], k_BxSxGxK.shape[1]
+  causal_TxS = np.arange(S)[None, :] <= np.arange(query_start, query_start + T)[:, None]
+  scores_BxGxRxTxS = jnp.where(causal_TxS, scores_BxGxRxTxS, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores_BxGxRxTxS, axis=-1)
+
+
+def causal_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, scale: float, precision, kind: str = 'dense', block: int = 64):
+  """Causal grouped-query attention core, `[B, T, H, K]` out; kv head g serves query heads g*R .. (g+1)*R - 1.
+
+  `dense` materialises the whole `[B, G, R, T, T]` fp32 score tensor; `chunked` runs blocks of `block` queries,
+  each against the keys up to its last query only (the same numbers, without the upper triangle); `fused` is
+  `jax.nn.dot_product_attention` (cuDNN flash attention where the GPU supports it). `saejax.tuning` picks one.
+  """
+  B, T, H, K = q_BxTxHxK.shape
+  G = k_BxTxGxK.shape[2]
+  if kind == 'fused':
+    return jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, scale=scale, is_causal=True)
+  q_BxTxGxRxK = q_BxTxHxK.reshape(B, T, G, H // G, K)
+  starts = range(0, T, block) if kind == 'chunked' else (0,)
+  outs = []
+  for start in starts:
+    stop = min(T, start + block) if kind == 'chunked' else T
+    probs_BxGxRxTxS = _causal_scores_probs(q_BxTxGxRxK[:, start:stop], k_BxTxGxK[:, :stop], start, scale, precision)
+    probs_BxGxRxTxS = probs_BxGxRxTxS.astype(v_BxTxGxK.dtype)
+    outs.append(jnp.einsum('bgrts,bsgk->btgrk', probs_BxGxRxTxS, v_BxTxGxK[:, :stop], precision=precision))
+  out_BxTxGxRxK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+  return out_BxTxGxRxK.reshape(B, T, H, K)
+
+
+def attention(
+  cfg: ModelConfig, params: dict, x_BxTxD: jax.Array, layer: int, rope, precision, kind: str = 'dense'
+) -> jax.Array:
   """Causal self-attention, output projection and its bias included (the `layers.N.attn` hookpoint)."""
   B, T, _ = x_BxTxD.shape
   H, G, K = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -93,17 +131,8 @@ def attention(cfg: ModelConfig, params: dict, x_BxTxD: jax.Array, layer: int, ro
     q_BxTxHxK = apply_rope(q_BxTxHxK, *rope)
     k_BxTxGxK = apply_rope(k_BxTxGxK, *rope)
   scale = K**-0.5 / ((layer + 1) if cfg.attn_scale_by_layer else 1)
-  # Grouped-query attention: kv head g serves query heads g*R .. (g+1)*R - 1, so split H as (G, R).
-  q_BxTxGxRxK = q_BxTxHxK.reshape(B, T, G, H // G, K)
-  scores_BxGxRxTxS = (
-    jnp.einsum('btgrk,bsgk->bgrts', q_BxTxGxRxK, k_BxTxGxK, precision=precision, preferred_element_type=jnp.float32)
-    * scale
-  )
-  causal_TxS = np.tril(np.ones((T, T), dtype=bool))
-  scores_BxGxRxTxS = jnp.where(causal_TxS, scores_BxGxRxTxS, jnp.finfo(jnp.float32).min)
-  probs_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS, axis=-1).astype(v_BxTxGxK.dtype)
-  out_BxTxGxRxK = jnp.einsum('bgrts,bsgk->btgrk', probs_BxGxRxTxS, v_BxTxGxK, precision=precision)
-  return linear(out_BxTxGxRxK.reshape(B, T, H * K), params, 'wo', 'bo', precision)
+  out_BxTxHxK = causal_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, scale, precision, kind, tuning.CPU_ATTENTION_BLOCK)
+  return linear(out_BxTxHxK.reshape(B, T, H * K), params, 'wo', 'bo', precision)
 
 
 def mlp(cfg: ModelConfig, params: dict, x_BxTxD: jax.Array, precision) -> jax.Array:

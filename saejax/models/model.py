@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from saejax import tuning
 from saejax.models import config as config_lib
 from saejax.models import forward as forward_lib
 from saejax.models import gguf as gguf_lib
@@ -37,10 +38,18 @@ class LanguageModel:
   dtype: jnp.dtype
   mesh: Mesh | None = None
   path: str | None = None
+  # The attention kernel (`layers.causal_attention`); None: `saejax.tuning`'s choice for the params' platform.
+  attention_kind: str | None = None
 
   @property
   def d_model(self) -> int:
     return self.config.d_model
+
+  @property
+  def attention(self) -> str:
+    if self.attention_kind is not None:
+      return self.attention_kind
+    return tuning.lm_attention(tuning.platform_of(self.mesh if self.mesh is not None else self.params['embed']))
 
   def parse_hookpoint(self, name: str) -> tuple[int, str]:
     """(layer, kind) with kind in 'resid' | 'attn' | 'mlp'; ValueError for bad names or out-of-range layers."""
@@ -103,6 +112,7 @@ class LanguageModel:
       cfg=self.config,
       taps=taps,
       want_logits=want_logits,
+      attention=self.attention,
     )
 
   def activations(
