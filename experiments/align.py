@@ -12,12 +12,12 @@ Exit codes: 0 done, 2 bad input (one line on stderr; nothing is left half-writte
 
 from __future__ import annotations
 
-import sys
 import zipfile
 
 import numpy as np
 from absl import app, flags, logging
 
+from experiments.cli import fail
 from saejax import storage
 from saejax.train import run_folder
 
@@ -29,11 +29,6 @@ _METHOD = flags.DEFINE_enum('method', 'auto', ['auto', 'dense', 'sparse'], 'Assi
 _HOOKPOINT = flags.DEFINE_string('hookpoint', None, 'Which hookpoint of the run (default: the only one).')
 _WORKERS = flags.DEFINE_integer('workers', None, 'Pairs matched in parallel (default: CPU count).')
 _FIRING_TOKENS = flags.DEFINE_integer('firing_tokens', 1_000_000, 'Tokens for firing frequencies (0: skip).')
-
-
-def fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
 
 
 def run_firing(workdir: str, hookpoint: str, sae_dirs: dict[str, str], num_tokens: int):

@@ -112,14 +112,14 @@ def bench_lm_forward(config, tokens_RxT: np.ndarray, machine: dict, repeats: int
 
 def bench_cache(config, machine: dict, repeats: int) -> list[dict]:
   from saejax import sharding as shd
-  from saejax.data import cache as cache_lib
+  from saejax.data import cache_writer
   from saejax.data.cache_source import CacheActivationSource
   from saejax.train.trainer import Trainer
 
   records = []
   with tempfile.TemporaryDirectory(prefix='saejax-bench-cache-') as out:
     num_tokens = _CACHE_BATCHES.value * config.batch_size
-    written = cache_lib.write_cache(config, out, num_tokens, 'bfloat16', progress=False)
+    written = cache_writer.write_cache(config, out, num_tokens, 'bfloat16', progress=False)
     records.append(
       {
         'bench': 'smollm2_cache_write',

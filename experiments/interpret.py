@@ -20,6 +20,7 @@ import urllib.parse
 import numpy as np
 from absl import app, flags, logging
 
+from experiments.cli import fail
 from saejax import storage
 from saejax.train import run_folder
 
@@ -41,11 +42,6 @@ _MAX_RETRIES = flags.DEFINE_integer('max_retries', 5, 'Retries per request on 42
 _TIMEOUT = flags.DEFINE_float('timeout_s', 60.0, 'Seconds per request.')
 _CACHE_DIR = flags.DEFINE_string('cache_dir', None, 'Answer cache (default RUN/interpret/cache).')
 _SAMPLE_SEED = flags.DEFINE_integer('sample_seed', 0, 'Seed of the latent sample, window sampling and shuffles.')
-
-
-def fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
 
 
 def check_reachable(base_url: str, timeout_s: float = 5.0) -> None:

@@ -28,6 +28,7 @@ import sys
 from absl import app, flags
 
 from experiments.ablations import SWEEPS, Run, sweep_runs
+from experiments.cli import fail
 from saejax import storage
 
 LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'launch')
@@ -58,11 +59,6 @@ def pod_train_command(run: Run, root: str, sweep: str, extra: list[str]) -> list
   train = ['python', *run.train_command(root, sweep, extra)[1:]]
   babysit = os.path.join(_LAUNCH_DIR.value, 'babysit.sh')
   return [babysit, '--name', f'{sweep}.{run.name}', *_BABYSIT.value, '--', *train]
-
-
-def fail(message: str, code: int = 2) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(code)
 
 
 def main(argv: list[str]) -> None:

@@ -14,12 +14,11 @@ only process 0 writes config.json, metrics, exports and the summary, and only pr
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import presets
+from experiments.cli import EXIT_FAILED, fail, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_dataclass(
   'config', presets.synthetic(), 'Preset name, then --config.FIELD=VALUE overrides.', parse_fn=presets.get
@@ -35,25 +34,6 @@ _PROCESS_ID = flags.DEFINE_integer(
 _BIND_ADDRESS = flags.DEFINE_string(
   'coordinator_bind_address', None, 'Multi-host: where process 0 listens, HOST or HOST:PORT (default: all interfaces).'
 )
-
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
-
-
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(code)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, but any flag problem is one line on stderr and exit code 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as error:
-    fail(str(error).splitlines()[0])
-  except (ValueError, KeyError, TypeError) as error:  # ml_collections: wrong type or unknown field
-    message = str(error).strip('"\'').splitlines()[0]
-    fail(f'bad config flag: {message}')
-  return []
 
 
 def main(argv: list[str]) -> None:

@@ -7,8 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -20,9 +18,11 @@ from experiments import presets
 from saejax import models
 from saejax import sharding as shd
 from saejax.data import cache as cache_lib
+from saejax.data import cache_writer
 from saejax.data.cache_source import CacheActivationSource
 from saejax.data.text import TextTokenStream
 from saejax.train import trainer
+from tests.test_lm_end_to_end import run
 from tests.tiny_lm import CONTEXT, ROWS, make_tiny_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +70,7 @@ def caches(lm, tmp_path_factory):
   folders = {}
   for dtype in ('float32', 'bfloat16'):
     folders[dtype] = root / dtype
-    summary = cache_lib.write_cache(
+    summary = cache_writer.write_cache(
       lm_config(model_dir, corpus),
       str(folders[dtype]),
       BATCH * CACHE_BATCHES + 5,
@@ -136,7 +136,7 @@ def test_a_killed_writer_resumes_to_identical_bytes_and_a_complete_cache_is_left
       raise KilledError
 
   def write(**kwargs):
-    return cache_lib.write_cache(
+    return cache_writer.write_cache(
       lm_config(model_dir, corpus),
       str(folder),
       BATCH * CACHE_BATCHES,
@@ -303,19 +303,6 @@ def test_bad_caches_are_refused_at_start(lm, caches, tmp_path):
 
 
 # --- through the CLIs: exit 2, one `error:` line, nothing overwritten --------------------------------------------
-
-
-def run(module, *args):
-  env = {
-    **os.environ,
-    'JAX_PLATFORMS': 'cpu',
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-    'HF_HUB_OFFLINE': '1',
-    'HF_DATASETS_OFFLINE': '1',
-  }
-  return subprocess.run(
-    [sys.executable, '-m', module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-  )
 
 
 def error_line(result) -> str:

@@ -77,3 +77,24 @@ def test_real_model_is_cached_and_checked(smollm2_gguf):
   assert smollm2_gguf.stat().st_size == 98_362_432
   with open(smollm2_gguf, 'rb') as f:
     assert f.read(4) == b'GGUF'
+
+
+@pytest.mark.slow
+def test_training_without_the_model_names_the_fetch_command(tmp_path):
+  """`--config=smollm2` with an empty saejax cache: training and caching stop at once with one line saying what to
+  run, and write nothing."""
+  env = dict(os.environ, SAEJAX_CACHE=str(tmp_path / 'empty'), JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1')
+  corpus = tmp_path / 'corpus.jsonl'
+  corpus.write_text('{"text": "To be, or not to be, that is the question."}\n')
+  preset = ['--config=smollm2', f'--config.dataset={corpus}']
+  for command in (
+    ['experiments.train', *preset, f'--workdir={tmp_path / "run"}'],
+    ['experiments.cache', *preset, f'--out={tmp_path / "acts"}', '--tokens=4096'],
+  ):
+    result = subprocess.run(
+      [sys.executable, '-m', *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'python -m experiments.fetch smollm2' in lines[0], lines
+  assert not (tmp_path / 'acts').exists()

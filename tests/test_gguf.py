@@ -18,6 +18,7 @@ import pytest
 from saejax import models
 from saejax.models import gguf as gguf_lib
 from saejax.sharding import make_mesh
+from tests.test_models import _reference
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -154,26 +155,6 @@ def hf_reference(path):
   ).eval()
 
 
-def reference_run(model, tokens: np.ndarray, layers):
-  """({hookpoint: activation}, logits) from torch, with hooks on block, self_attn and mlp outputs."""
-  acts, handles = {}, []
-  for layer in layers:
-    block = model.model.layers[layer]
-    for suffix, module in (('', block), ('.attn', block.self_attn), ('.mlp', block.mlp)):
-
-      def hook(_module, _inputs, out, name=f'layers.{layer}{suffix}'):
-        acts[name] = (out[0] if isinstance(out, tuple) else out).detach().float().numpy().copy()
-
-      handles.append(module.register_forward_hook(hook))
-  try:
-    with torch.no_grad():
-      logits = model(torch.from_numpy(tokens).long()).logits.float().numpy()
-  finally:
-    for handle in handles:
-      handle.remove()
-  return acts, logits
-
-
 def rel_err(actual, expected) -> float:
   actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
   assert actual.shape == expected.shape, (actual.shape, expected.shape)
@@ -206,7 +187,7 @@ def test_tiny_llama_matches_transformers_gguf_load(tiny, variant):
   assert cfg.tie_word_embeddings == (variant == 'tied') and ('unembed' in model.params) == (variant == 'untied')
   assert model.path == str(path)
   toks = tokens()
-  ref_acts, ref_logits = reference_run(hf_reference(path), toks, layers=(0, 2))
+  ref_acts, ref_logits = _reference(hf_reference(path), toks, layers=(0, 2))
   acts = model.activations(toks, list(ref_acts))
   for hook, ref in ref_acts.items():
     assert np.max(np.abs(ref)) > 0.5, f'{hook} is not loud enough to show layout errors'
@@ -243,7 +224,7 @@ def test_unpermute_rows_inverts_llama_cpp_permute():
 def test_skipping_the_qk_unpermutation_gives_wrong_logits(tiny, monkeypatch):
   path, _ = tiny['untied']
   toks = tokens(1)
-  _, ref_logits = reference_run(hf_reference(path), toks, layers=())
+  _, ref_logits = _reference(hf_reference(path), toks, layers=())
   assert rel_err(models.load_pretrained(path).logits(toks), ref_logits) < 1e-5
   monkeypatch.setattr(gguf_lib, 'unpermute_rows', lambda w, heads: w)
   wrong = np.asarray(models.load_pretrained(path).logits(toks))
@@ -443,7 +424,7 @@ def test_smollm2_config_and_next_token(smollm2, smollm2_gguf):
 @pytest.mark.slow  # transformers' GGUF load alone takes 40 s on a 2-core CPU
 def test_smollm2_matches_transformers(smollm2, smollm2_gguf):
   toks = np.asarray([QUICK_FOX], np.int32)
-  ref_acts, ref_logits = reference_run(hf_reference(smollm2_gguf), toks, layers=(15,))
+  ref_acts, ref_logits = _reference(hf_reference(smollm2_gguf), toks, layers=(15,))
   got = smollm2.activations(toks, ['layers.15.mlp'])['layers.15.mlp']
   assert rel_err(got, ref_acts['layers.15.mlp']) < 1e-4
   logits = smollm2.logits(toks)
