@@ -1,6 +1,6 @@
 """The real-model benchmark: SmolLM2-135M from its GGUF, side by side with transformers+torch, and the cache.
 
-  python -m experiments.benchmark smollm2 [--smollm2_rows=8 --smollm2_context=512 --smollm2_hookpoint=layers.6.mlp]
+  python -m experiments.benchmark smollm2 [--smollm2_rows=4 --smollm2_context=512 --smollm2_hookpoint=layers.6.mlp]
 
 Prints one JSON line per measurement, each naming the machine:
 - `smollm2_lm`: saejax's forward up to the hookpoint against transformers' GGUF load truncated to the same layers
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-_ROWS = flags.DEFINE_integer('smollm2_rows', 8, 'smollm2: sequences per LM batch.')
+_ROWS = flags.DEFINE_integer('smollm2_rows', 4, 'smollm2: sequences per LM batch.')
 _CONTEXT = flags.DEFINE_integer('smollm2_context', 512, 'smollm2: tokens per sequence.')
 _HOOKPOINT = flags.DEFINE_string('smollm2_hookpoint', 'layers.6.mlp', 'smollm2: where the LM forward stops.')
 _CACHE_BATCHES = flags.DEFINE_integer('smollm2_cache_batches', 24, 'smollm2: LM batches written to the cache.')
@@ -44,7 +44,7 @@ def _min_time(fn, repeats: int) -> float:
 def _config():
   from experiments import presets
 
-  config = presets.smollm2()
+  config = presets.smollm2()  # its batch (4 x 512 tokens) unless the flags say otherwise
   config.context_length = _CONTEXT.value
   config.batch_size = _ROWS.value * _CONTEXT.value
   config.hookpoint = _HOOKPOINT.value
@@ -137,7 +137,6 @@ def bench_cache(config, machine: dict, repeats: int) -> list[dict]:
       source='cache',
       dataset=out,
       num_tokens=written['tokens'],
-      batch_size=4096 if written['tokens'] >= 4096 * (_TRAIN_STEPS.value + 1) else config.batch_size,
       init_seeds=tuple(range(9)),
     )
     mesh = shd.make_mesh(-1, 1)
