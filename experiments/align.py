@@ -31,34 +31,6 @@ _WORKERS = flags.DEFINE_integer('workers', None, 'Pairs matched in parallel (def
 _FIRING_TOKENS = flags.DEFINE_integer('firing_tokens', 1_000_000, 'Tokens for firing frequencies (0: skip).')
 
 
-def run_firing(workdir: str, hookpoint: str, sae_dirs: dict[str, str], num_tokens: int):
-  """Counts firing over tokens after the run's training stream; reuses stored counts when enough."""
-  from saejax import data, formats
-  from saejax import sae as sae_lib
-  from saejax import sharding as shd
-  from saejax.analysis import firing
-  from saejax.config import TrainConfig
-
-  config = TrainConfig.from_json(run_folder.read_config(workdir))
-  file_key = hookpoint if len(config.hookpoints) > 1 else None
-  stored = firing.load_counts(workdir, file_key)
-  if stored is not None and int(stored['tokens']) >= num_tokens and list(stored['seeds']) == list(sae_dirs):
-    return stored
-  loaded = [formats.load_sae(path)[0] for path in sae_dirs.values()]
-  params = {name: np.stack([p[name] for p in loaded]) for name in loaded[0]}
-  source = data.make_source(config, shd.batch_sharding(shd.make_mesh()))
-  counts, tokens = firing.count_firing(
-    params,
-    sae_lib.SaeSpec.from_config(config),
-    source,
-    num_tokens,
-    start_position=config.num_steps,
-    hookpoint_index=config.hookpoints.index(hookpoint),
-  )
-  firing.save_counts(workdir, counts, tokens, list(sae_dirs), file_key)
-  return firing.load_counts(workdir, file_key)
-
-
 def read_true_features(workdir: str) -> np.ndarray | None:
   """The true dictionary of a synthetic run, or None for a run without one (a language model's)."""
   from saejax.data.synthetic import GROUND_TRUTH_FILE
@@ -79,17 +51,18 @@ def main(argv: list[str]) -> None:
     fail(f'unexpected arguments {extra}; pass SAE folders after --saes')
   if bool(_WORKDIR.value) == bool(_SAES.value):
     fail('give exactly one of --workdir=RUN or --saes DIR [DIR ...]')
-  from saejax.analysis import alignment_run
+  from saejax.analysis import alignment_run, firing
 
   try:
-    firing_counts = true_features = None
+    firing_counts = true_features = seed_stats = None
     if _WORKDIR.value:
       hookpoint, sae_dirs = run_folder.exported_sae_dirs(_WORKDIR.value, _HOOKPOINT.value)
       out = _OUT.value or storage.join(_WORKDIR.value, 'alignment')
       true_features = read_true_features(_WORKDIR.value)
+      seed_stats = run_folder.read_seed_stats(_WORKDIR.value, hookpoint)
       if _FIRING_TOKENS.value > 0:
         try:
-          firing_counts = run_firing(_WORKDIR.value, hookpoint, sae_dirs, _FIRING_TOKENS.value)
+          firing_counts = firing.counts_for_run(_WORKDIR.value, hookpoint, sae_dirs, _FIRING_TOKENS.value)
         except RuntimeError as error:  # e.g. the run's activation source is unavailable here
           logging.warning('skipping firing frequencies (Fig. 3): %s', error)
     else:
@@ -108,6 +81,7 @@ def main(argv: list[str]) -> None:
       workers=_WORKERS.value,
       firing=firing_counts,
       true_features=true_features,
+      seed_stats=seed_stats,
     )
   except (ValueError, OSError) as error:
     fail(str(error).splitlines()[0] if str(error) else type(error).__name__)

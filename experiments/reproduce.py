@@ -1,159 +1,47 @@
-"""Reproduction suite: the paper's qualitative claims, measured on runs this CPU can make.
+"""Reproduction suites: the paper's claims, each measured with a verdict of holds, does not hold or not tested.
 
-  python -m experiments.reproduce --out=runs/reproduce            # full (synthetic + small random LM)
-  python -m experiments.reproduce --quick --out=/tmp/repro          # the test-suite variant, about a minute
+  python -m experiments.reproduce --suite=synthetic --out=runs/reproduce       # synthetic ground truth (default)
+  python -m experiments.reproduce --suite=smollm2 --out=runs/reproduce_smollm2  # SmolLM2-135M, about 2 h here
+  python -m experiments.reproduce --suite=smollm2 --quick --out=/tmp/repro     # a scaled-down plan, minutes
+  python -m experiments.reproduce --suite=smollm2 --scale=full --out=...       # the paper's sizes (accelerators)
 
-Writes `report.md` (claim, measured value, holds or not) and `claims.json`. Settings are fixed below and never
-adjusted to make a claim pass; a claim that does not hold here is reported as not holding.
+The suites and their fixed plans: `experiments/suite_synthetic.py`, `experiments/suite_smollm2.py`. The smollm2
+suite is resumable: rerun the same command after a kill and it continues with the first unfinished run.
+Exit codes: 0 done, 1 a run failed, 2 bad input (one line on stderr), 3 stopped by SIGTERM (rerun to continue).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import sys
-import tempfile
-import time
+from absl import app, flags, logging
 
-import numpy as np
-from absl import app, flags
+from experiments.cli import fail
 
-from saejax import storage
-from saejax.analysis import claims, report
-from saejax.config import TrainConfig
-
-_OUT = flags.DEFINE_string('out', 'runs/reproduce', 'Output folder for report.md and claims.json.')
-_QUICK = flags.DEFINE_bool('quick', False, 'Tiny sizes (the test-suite variant).')
-VERDICTS = {True: 'yes', False: '**no**', None: 'not tested'}
-REPORT_VERDICTS = {True: 'HOLDS', False: 'DOES NOT HOLD', None: 'NOT TESTED'}
-
-
-def synthetic_base(quick: bool) -> TrainConfig:
-  # The full base equals the `synthetic` preset's fields on purpose, but is spelled out: the suite's settings are
-  # fixed in advance, so editing the preset must not silently change the claims' verdicts.
-  if quick:
-    return TrainConfig(
-      d_in=16,
-      num_features=64,
-      feature_max_firing_prob=0.2,
-      feature_firing_exponent=0.5,
-      num_latents=64,
-      k=4,
-      batch_size=256,
-      num_tokens=256 * 120,
-      lr=3e-3,
-      warmup_steps=10,
-      dead_tokens=20_000,
-      kernel_chunk_tokens=16,
-    )
-  return TrainConfig(
-    d_in=64,
-    num_features=512,
-    feature_max_firing_prob=0.08,
-    feature_firing_exponent=0.5,
-    num_latents=1024,
-    k=8,
-    batch_size=1024,
-    num_tokens=1024 * 1500,
-    lr=1e-3,
-    warmup_steps=100,
-    dead_tokens=200_000,
-  )
-
-
-def lm_base(quick: bool, folder: str) -> TrainConfig:
-  """A small random GPT-NeoX over random token rows: real LM plumbing, no external data."""
-  from saejax.models.random_checkpoint import write_random_neox
-
-  d_model, context, rows = (32, 32, 8) if quick else (128, 128, 16)
-  model = write_random_neox(
-    os.path.join(folder, 'neox'),
-    dtype=np.float32,
-    hidden_size=d_model,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=4 * d_model,
-    vocab_size=512,
-    max_position_embeddings=context,
-  )
-  steps = 60 if quick else 400
-  tokens = np.random.default_rng(0).integers(0, 512, (rows * (steps + 20), context), dtype=np.uint16)
-  np.save(os.path.join(folder, 'tokens.npy'), tokens)
-  return TrainConfig(
-    source='lm',
-    model=model,
-    dataset=os.path.join(folder, 'tokens.npy'),
-    hookpoint='layers.1.mlp',
-    lm_dtype='float32',
-    d_in=d_model,
-    num_latents=4 * d_model,
-    k=8,
-    context_length=context,
-    batch_size=rows * context,
-    num_tokens=rows * context * steps,
-    lr=2e-3,
-    warmup_steps=10,
-    eval_tokens=0,
-  )
-
-
-def run_claims(quick: bool, folder: str) -> list[claims.Claim]:
-  base = synthetic_base(quick)
-  scale = (lambda v: v) if not quick else (lambda v: max(1, v // 8))
-  results = [
-    claims.permuted_copy(base),
-    claims.bimodality(base),
-    claims._trend('more latents -> less sharing', 'num_latents', [scale(256), scale(1024), scale(4096)], base, -1),
-    claims._trend('larger k -> less sharing', 'k', [4, 8, 16] if not quick else [2, 4, 8], base, -1),
-    claims._trend(
-      'longer training -> more sharing',
-      'num_tokens',
-      [base.num_tokens // 4, base.num_tokens, base.num_tokens * 4],
-      base,
-      +1,
-    ),
-    claims.l1_vs_topk(base),
-  ]
-  frequency, curve, recovery, _ = claims.seeds_and_frequency(base, num_seeds=6, firing_tokens=base.batch_size * 50)
-  results += [frequency, curve, recovery]
-  lm = lm_base(quick, folder)
-  for claim in (
-    claims.permuted_copy(lm),
-    claims._trend('more latents -> less sharing', 'num_latents', [2 * lm.d_in, 4 * lm.d_in, 8 * lm.d_in], lm, -1),
-  ):
-    claim.claim = f'[random LM] {claim.claim}'
-    results.append(claim)
-  return results
-
-
-def write_report(out: str, results: list[claims.Claim], seconds: float, quick: bool) -> None:
-  lines = [
-    "# Reproduction of the paper's qualitative claims",
-    '',
-    f'{"Quick" if quick else "Full"} suite, {seconds:.0f} s. Synthetic ground truth unless marked [random LM].',
-    '',
-    '| claim | measured | holds |',
-    '|---|---|---|',
-    *[f'| {c.claim} | {c.measured} | {VERDICTS[c.holds]} |' for c in results],
-    '',
-  ]
-  for claim in results:
-    if 'recovery' in claim.details:
-      lines += report.ground_truth_section(claim.details['recovery'])
-  storage.write_text(storage.join(out, 'report.md'), '\n'.join(lines).rstrip() + '\n')
-  storage.write_json(storage.join(out, 'claims.json'), [dataclasses.asdict(c) for c in results], default=float)
+_SUITE = flags.DEFINE_enum('suite', 'synthetic', ['synthetic', 'smollm2'], 'Which suite to run.')
+_OUT = flags.DEFINE_string('out', None, 'Output folder (report.md, claims.json; the smollm2 runs and cache).')
+_QUICK = flags.DEFINE_bool('quick', False, 'The scaled-down plan of the test suite.')
+_SCALE = flags.DEFINE_enum('scale', 'cpu', ['cpu', 'full'], 'smollm2 plan: this CPU, or the paper sizes.')
+_DATASET = flags.DEFINE_string('dataset', None, 'smollm2: training text (default: experiments.corpus train.jsonl).')
+_EVAL_DATASET = flags.DEFINE_string('eval_dataset', None, 'smollm2: held-out text (default: heldout.jsonl).')
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    print(f'error: unexpected arguments {argv[1:]}', file=sys.stderr)
-    sys.exit(2)
-  started = time.time()
-  with tempfile.TemporaryDirectory() as folder:
-    results = run_claims(_QUICK.value, folder)
-  write_report(_OUT.value, results, time.time() - started, _QUICK.value)
-  for claim in results:
-    print(f'{REPORT_VERDICTS[claim.holds]}: {claim.claim}: {claim.measured}')
+    fail(f'unexpected arguments {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:  # library INFO logs (Orbax, JAX) only with --verbosity=0
+    logging.set_verbosity(logging.WARNING)
+  if _SUITE.value == 'synthetic':
+    from experiments import suite_synthetic
+
+    if _SCALE.value != 'cpu' or _DATASET.value or _EVAL_DATASET.value:
+      fail('--scale, --dataset and --eval_dataset belong to --suite=smollm2')
+    suite_synthetic.run_suite(_OUT.value or 'runs/reproduce', _QUICK.value)
+    return
+  from experiments import suite_smollm2
+
+  if _QUICK.value and _SCALE.value == 'full':
+    fail('give --quick or --scale=full, not both')
+  plan = 'quick' if _QUICK.value else _SCALE.value
+  suite_smollm2.main_suite(_OUT.value or 'runs/reproduce_smollm2', plan, _DATASET.value, _EVAL_DATASET.value)
 
 
 if __name__ == '__main__':

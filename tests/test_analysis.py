@@ -18,7 +18,7 @@ from saejax.analysis import (
   unique_fraction_curve,
   universality_table,
 )
-from saejax.analysis.seeds import popcount
+from saejax.analysis.seeds import popcount, stability_distribution
 
 try:  # The real matcher once saejax.align exists; a scipy stand-in until then.
   from saejax.align.cosine import max_cosine  # noqa: F401
@@ -83,6 +83,20 @@ def test_permuted_copy_is_fully_shared_and_partner_is_the_inverse_permutation():
   assert summary['shared_fraction'] == 1.0 and summary['partner_agreement'] == 1.0
   assert summary['certified_optimal'] is True
   assert summary['n_a'] == summary['n_b'] == 48 and summary['threshold'] == 0.7
+
+
+def test_pw_mcc_matches_the_decoders_alone():
+  """PW-MCC looks at decoders only: same decoders (permuted), unrelated encoders -> PW-MCC 1, nothing shared."""
+  rng = np.random.default_rng(3)
+  sae_a = random_sae(rng, 40)
+  perm_F = rng.permutation(40)
+  sae_b = {'W_enc': rng.normal(size=sae_a['W_enc'].shape), 'W_dec': 2.5 * sae_a['W_dec'][perm_F]}
+  summary = analyse_pair(sae_a, sae_b, **MATCH_KW).summary
+  assert summary['pw_mcc'] == pytest.approx(1.0, abs=1e-5)
+  assert summary['shared_fraction'] == 0.0
+  # A dead (all-zero) decoder row has cosine 0 with everything, so it pulls PW-MCC down by 1/F.
+  sae_b['W_dec'][0] = 0.0
+  assert analyse_pair(sae_a, sae_b, **MATCH_KW).summary['pw_mcc'] == pytest.approx(39 / 40, abs=1e-5)
 
 
 def test_threshold_sweep_is_monotone_non_increasing():
@@ -253,9 +267,16 @@ def test_seeds_end_to_end_donut_curve_and_universality_csv(tmp_path):
     written = list(csv.DictReader(f))
   assert len(written) == 3 * 24 == sum(len(saes[name]['W_enc']) for name in saes)
   assert [(row['seed'], int(row['latent'])) for row in written] == [(n, i) for n in saes for i in range(24)]
-  assert set(written[0]) == {'seed', 'latent', 'n_shared', 'partner_s0', 'partner_s1', 'partner_s2'}
+  assert set(written[0]) == {'seed', 'latent', 'n_shared', 'stability', 'partner_s0', 'partner_s1', 'partner_s2'}
   assert written[0]['partner_s0'] == ''
   assert sum(int(row['n_shared']) for row in written) == 2 * 24 + 4 * 20
+  # Stability: the fraction of the 2 other seeds with a shared partner.
+  assert all(float(row['stability']) == int(row['n_shared']) / 2 for row in written)
+  distribution = stability_distribution(result.masks, result.names)
+  assert distribution['values'] == [0.0, 0.5, 1.0]
+  # s0 and s1: 20 latents shared with both, 4 with one; s2: 20 with both, 4 with none (exactly_in_n above).
+  assert distribution['fraction_of_latents'] == pytest.approx([4 / 72, 8 / 72, 60 / 72])
+  assert distribution['mean'] == pytest.approx((8 * 0.5 + 60) / 72)
 
 
 def test_fits_recover_a_power_law_with_offset():

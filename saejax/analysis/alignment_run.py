@@ -16,7 +16,7 @@ import numpy as np
 
 from saejax import formats, storage
 from saejax.analysis import figures, fits, ground_truth, report
-from saejax.analysis.seeds import SeedsResult, analyse_seeds
+from saejax.analysis.seeds import SeedsResult, analyse_seeds, stability_distribution
 
 
 class AlignmentInputError(ValueError):
@@ -67,6 +67,7 @@ def _summary(result: SeedsResult, method: str) -> dict[str, Any]:
     'exactly_in_n': result.exactly_in_n,
     'subsets_by_k': {str(k): v for k, v in result.subsets_by_k.items()},
     'fits': curve_fits,
+    'stability': stability_distribution(result.masks, result.names),
   }
   return {'threshold': result.threshold, 'method': method, 'pairs': pairs, 'seeds': seeds}
 
@@ -87,6 +88,7 @@ def _figures(out: str, result: SeedsResult, summary: dict, firing: Mapping[str, 
     ),
     'figA2': figures.figA2_hungarian_vs_max(first.dec_cos, first.dec_max_cos, os.path.join(out, 'figA2_max_cos.png')),
   }
+  made['stability'] = figures.fig_stability(summary['seeds']['stability'], os.path.join(out, 'stability.png'))
   if len(result.names) >= 3:
     made['fig2'] = figures.fig2_unique_vs_seeds(
       {int(k): v for k, v in summary['seeds']['unique_fraction_by_k'].items()},
@@ -111,9 +113,12 @@ def run_alignment(
   workers: int | None = None,
   firing: Mapping[str, np.ndarray] | None = None,
   true_features: np.ndarray | None = None,
+  seed_stats: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
   """Aligns all pairs of `sae_dirs` ({name: folder}) and writes the full output folder `out_dir`.
 
+  seed_stats: the training run's {metric: {mean, std}} across seeds (run_folder.seed_stats), copied into
+  summary.json and the report beside the shared fractions.
   true_features: [F, D], the true dictionary of a synthetic run; adds each seed's ground-truth recovery split
   into shared and orphan latents (summary.json `seeds.ground_truth_recovery`, and the report).
   """
@@ -122,6 +127,8 @@ def run_alignment(
     ground_truth.check_shapes(true_features, next(iter(saes.values()))['W_dec'])
   result = analyse_seeds(saes, threshold=threshold, method=method, workers=workers)
   summary = _summary(result, method)
+  if seed_stats:
+    summary['seed_stats'] = dict(seed_stats)
   if true_features is not None:
     summary['seeds']['ground_truth_recovery'] = ground_truth.recovery_by_sharing(
       true_features, {name: sae['W_dec'] for name, sae in saes.items()}, result.masks

@@ -296,6 +296,25 @@ def figA2_hungarian_vs_max(matched_cos, max_cos, path, label: str = 'decoder', t
   return save_png_atomic(fig, path)
 
 
+def fig_stability(distribution: Mapping, path) -> str:
+  """Per-latent stability (not in the paper): the fraction of latents, over every seed, shared with 0..S-1 others.
+
+  distribution: seeds.stability_distribution's dict ('values', 'fraction_of_latents', 'mean').
+  """
+  values = np.asarray(distribution['values'], np.float64)
+  fractions = np.asarray(distribution['fraction_of_latents'], np.float64)
+  fig, ax = plt.subplots(figsize=(6.4, 4.0))
+  width = 0.8 * (values[1] - values[0]) if values.size > 1 else 0.5
+  ax.bar(values, fractions, width=width, color='C0')
+  ax.axvline(float(distribution['mean']), color='C3', ls='--', lw=1.2, label=f'mean {distribution["mean"]:.3f}')
+  ax.set_xlabel('stability: fraction of the other seeds with a shared partner')
+  ax.set_ylabel('fraction of latents (all seeds)')
+  ax.set_title(f'Per-latent stability over {values.size} seeds')
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  return save_png_atomic(fig, path)
+
+
 def fit_entries(fits: Mapping | None) -> tuple[list[tuple[str, Mapping]], str | None]:
   """([(model name, fit)], best name) from either fits layout, fits.py's model names mapped to FIT_MODELS'.
 

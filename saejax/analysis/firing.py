@@ -91,3 +91,32 @@ def save_counts(
 def load_counts(workdir: str, hookpoint: str | None = None) -> dict[str, np.ndarray] | None:
   path = _path(workdir, hookpoint)
   return storage.read_npz(path) if storage.exists(path) else None
+
+
+def counts_for_run(workdir: str, hookpoint: str, sae_dirs: Mapping[str, str], num_tokens: int, progress: bool = True):
+  """Counts firing of a run's exported seeds over tokens after its training stream, and stores them in the run
+  folder; stored counts are reused when they cover at least `num_tokens` tokens of the same seeds."""
+  from saejax import data, formats
+  from saejax import sharding as shd
+  from saejax.config import TrainConfig
+  from saejax.train import run_folder
+
+  config = TrainConfig.from_json(run_folder.read_config(workdir))
+  file_key = hookpoint if len(config.hookpoints) > 1 else None
+  stored = load_counts(workdir, file_key)
+  if stored is not None and int(stored['tokens']) >= num_tokens and list(stored['seeds']) == list(sae_dirs):
+    return stored
+  loaded = [formats.load_sae(path)[0] for path in sae_dirs.values()]
+  params = {name: np.stack([p[name] for p in loaded]) for name in loaded[0]}
+  source = data.make_source(config, shd.batch_sharding(shd.make_mesh()))
+  counts, tokens = count_firing(
+    params,
+    sae_lib.SaeSpec.from_config(config),
+    source,
+    num_tokens,
+    start_position=config.num_steps,
+    progress=progress,
+    hookpoint_index=config.hookpoints.index(hookpoint),
+  )
+  save_counts(workdir, counts, tokens, list(sae_dirs), file_key)
+  return load_counts(workdir, file_key)

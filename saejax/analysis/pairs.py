@@ -1,7 +1,10 @@
 """One pair of SAEs: encoder and decoder matchings, the shared / orphan labels, and the per-pair summary.
 
 This module owns the paper's definition of a shared latent (section 3), its notebook variant, the max-cosine
-comparison (Fig. A2), the threshold sweep (Fig. A1), the summary keys, and the per-pair `.npz` file.
+comparison (Fig. A2), the threshold sweep (Fig. A1), PW-MCC, the summary keys, and the per-pair `.npz` file.
+
+PW-MCC (Song et al. 2025, "pairwise mean correlation coefficient"): the mean matched decoder cosine under the
+optimal matching of the decoders alone, i.e. the decoder matching's mean cosine. A dead (all-zero) row counts 0.
 
 Side convention: the matcher needs `n_a <= n_b`, so when the first SAE has more latents than the second the two
 are swapped and `PairResult.swapped` is True. Every per-latent array is indexed by the result's side 'a', which
@@ -28,6 +31,7 @@ SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))
 SUMMARY_KEYS = (
   'shared_fraction',
   'shared_fraction_notebook',
+  'pw_mcc',
   'partner_agreement',
   'mean_cos_enc',
   'mean_cos_dec',
@@ -163,6 +167,7 @@ def analyse_pair(
   summary = {
     'shared_fraction': _mean(shared_A),
     'shared_fraction_notebook': _mean(notebook_A),
+    'pw_mcc': _mean(out['dec_cos']),  # the decoder matching alone (module docstring)
     'partner_agreement': _mean(out['enc_partner'] == out['dec_partner']),
     'mean_cos_enc': _mean(out['enc_cos']),
     'mean_cos_dec': _mean(out['dec_cos']),

@@ -48,6 +48,11 @@ CAPTIONS = {
     'Fraction of shared latents vs the cosine threshold: paper rule (same partner in both '
     'matchings) solid, notebook rule (both cosines only) dashed.',
   ),
+  'stability': (
+    'Stability',
+    'Distribution of per-latent stability (not in the paper): the fraction of the other seeds in which a '
+    'latent has a shared partner, pooled over every seed.',
+  ),
   'a2': (
     'Fig. A2',
     'Distribution of the Hungarian matched cosine vs the max cosine (not a bijection), and of their gap per latent.',
@@ -68,6 +73,8 @@ def write_report(out_dir, summary: Mapping[str, Any], figures: Mapping[str, str]
   storage.makedirs(out_dir)
   lines = [f'# {summary.get("title", "Seed dependence of SAE latents")}', '']
   lines += _pairs_section(summary.get('pairs') or [])
+  if summary.get('seed_stats'):
+    lines += seed_stats_section(summary['seed_stats'])
   if summary.get('seeds'):
     lines += _seeds_section(summary['seeds'])
   if figures:
@@ -81,6 +88,8 @@ def write_report(out_dir, summary: Mapping[str, Any], figures: Mapping[str, str]
 
 def figure_caption(name: str, fig_path: str = '') -> tuple[str, str]:
   """(title, caption) for a figure keyed like 'fig1' / 'figA2' (or so named on disk); a generic one otherwise."""
+  if name in CAPTIONS:
+    return CAPTIONS[name]
   for candidate in (name, os.path.basename(os.fspath(fig_path))):
     match = re.match(r'fig(?:ure)?[_ .-]?(a?\d+)(?!\d)', str(candidate).lower())
     if match and match.group(1) in CAPTIONS:
@@ -110,7 +119,7 @@ def _link(fig_path: str, out_dir: str) -> str:
   return rel.replace(os.sep, '/')
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+def table(header: list[str], rows: list[list[Any]]) -> list[str]:
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
   lines += ['| ' + ' | '.join(fmt(cell) for cell in row) + ' |' for row in rows]
   return lines + ['']
@@ -128,7 +137,7 @@ def _pairs_section(pairs: list[Mapping[str, Any]]) -> list[str]:
     'nearest latent (not a bijection).',
     '',
   ]
-  lines += _table(list(PAIR_COLUMNS), [[pair.get(col) for col in PAIR_COLUMNS] for pair in pairs])
+  lines += table(list(PAIR_COLUMNS), [[pair.get(col) for col in PAIR_COLUMNS] for pair in pairs])
   fractions = np.array([p['shared_fraction'] for p in pairs if p.get('shared_fraction') is not None], np.float64)
   if fractions.size > 1:
     lines += [
@@ -150,7 +159,7 @@ def _seeds_section(seeds: Mapping[str, Any]) -> list[str]:
   curve = seeds.get('unique_fraction_by_k') or {}
   if curve:
     lines += ['### Latents found only in the base SAE (Fig. 2)', '']
-    lines += _table(['k', 'unique fraction'], [[int(k), float(v)] for k, v in sorted(curve.items(), key=_int_key)])
+    lines += table(['k', 'unique fraction'], [[int(k), float(v)] for k, v in sorted(curve.items(), key=_int_key)])
   exactly = seeds.get('exactly_in_n') or {}
   if exactly:
     width = max(len(counts) for counts in exactly.values())
@@ -160,7 +169,9 @@ def _seeds_section(seeds: Mapping[str, Any]) -> list[str]:
       total = sum(counts)
       cells = [f'{int(c)} ({100 * c / total:.3g}%)' if total else str(int(c)) for c in counts]
       rows.append([str(base)] + cells + [''] * (width - len(counts)))
-    lines += _table(['base'] + [f'n={n}' for n in range(1, width + 1)], rows)
+    lines += table(['base'] + [f'n={n}' for n in range(1, width + 1)], rows)
+  if seeds.get('stability'):
+    lines += _stability_section(seeds['stability'])
   models, best = fit_entries(seeds.get('fits'))
   if models:
     lines += ['### Fits of the unique fraction vs k', '']
@@ -171,10 +182,37 @@ def _seeds_section(seeds: Mapping[str, Any]) -> list[str]:
       rows.append(
         [label, FIT_FORMULAS.get(name, '?'), params or None, fit.get('aic'), fit.get('asymptote'), fit.get('error')]
       )
-    lines += _table(['model', 'formula', 'params', 'AIC', 'asymptote', 'error'], rows)
+    lines += table(['model', 'formula', 'params', 'AIC', 'asymptote', 'error'], rows)
   if seeds.get('ground_truth_recovery'):
     lines += ground_truth_section(seeds['ground_truth_recovery'])
   return lines
+
+
+SEED_STAT_NAMES = {
+  'fvu': 'FVU',
+  'l0': 'L0',
+  'dead_fraction': 'dead fraction',
+  'ce_increase': 'CE increase (nats)',
+  'kl': 'KL (nats)',
+}
+
+
+def seed_stats_section(stats: Mapping[str, Mapping[str, float]]) -> list[str]:
+  """Mean ± standard deviation across seeds of each per-seed metric (held-out text where the run has it)."""
+  rows = [[SEED_STAT_NAMES.get(name, name), f'{fmt(s["mean"])} ± {fmt(s["std"])}'] for name, s in stats.items()]
+  return ['## Per-seed metrics (mean ± std across seeds)', '', *table(['metric', 'mean ± std'], rows)]
+
+
+def _stability_section(distribution: Mapping[str, Any]) -> list[str]:
+  lines = [
+    '### Per-latent stability',
+    '',
+    'Stability of a latent: the fraction of the other seeds in which it has a shared partner (not in the '
+    f'paper). Mean {fmt(distribution["mean"])}, median {fmt(distribution["median"])}, over every latent of every seed.',
+    '',
+  ]
+  rows = [[value, fraction] for value, fraction in zip(distribution['values'], distribution['fraction_of_latents'])]
+  return lines + table(['stability', 'fraction of latents'], rows)
 
 
 GROUND_TRUTH_COLUMNS = {
@@ -202,7 +240,7 @@ def ground_truth_section(recovery: Mapping[str, Any]) -> list[str]:
     '',
   ]
   rows = [[name, *(row[key] for key in GROUND_TRUTH_COLUMNS)] for name, row in recovery['per_seed'].items()]
-  return lines + _table(['seed', *GROUND_TRUTH_COLUMNS.values()], rows)
+  return lines + table(['seed', *GROUND_TRUTH_COLUMNS.values()], rows)
 
 
 def _int_key(item) -> int:

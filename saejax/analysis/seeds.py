@@ -18,6 +18,10 @@ base's latents that are orphans in every pairing with T (mask & T == 0). For sub
 all C(S-1, k-1) subsets and over all S bases is unique_fraction_by_k[k], the same average as the paper's
 k * C(S, k) experiments. The subsets are enumerated exactly via a histogram of the masks and a
 sum-over-subsets transform: O(F + S * 2^(S-1)) per base instead of O(F * 2^(S-1)).
+
+Per-latent stability (not in the paper): the fraction of the other S - 1 seeds in which a latent has a shared
+partner, popcount(mask) / (S - 1); the `stability` column of the universality CSV, and its distribution over
+every latent of every seed in summary.json (`seeds.stability`).
 """
 
 from __future__ import annotations
@@ -216,14 +220,38 @@ def _sum_over_subsets(h_U: np.ndarray, n_bits: int) -> np.ndarray:
   return g_U
 
 
+def stability(mask_F: np.ndarray, num_seeds: int) -> np.ndarray:
+  """[F] float64: the fraction of the other seeds in which each latent has a shared partner."""
+  return popcount(mask_F) / max(num_seeds - 1, 1)
+
+
+def stability_distribution(masks: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, Any]:
+  """The stability of every latent of every seed: its S possible values, the fraction of latents at each, the mean."""
+  n_F = np.concatenate([popcount(masks[name]) for name in names]) if names else np.zeros(0, np.int64)
+  counts = np.bincount(n_F, minlength=len(names))[: len(names)]
+  total = max(int(counts.sum()), 1)
+  return {
+    'values': [n / max(len(names) - 1, 1) for n in range(len(names))],
+    'fraction_of_latents': [float(c / total) for c in counts],
+    'mean': float(n_F.mean() / max(len(names) - 1, 1)) if n_F.size else float('nan'),
+    'median': float(np.median(n_F) / max(len(names) - 1, 1)) if n_F.size else float('nan'),
+  }
+
+
 def iter_universality_rows(result: SeedsResult) -> Iterator[dict[str, Any]]:
-  """One row per latent per seed: seed, latent, n_shared, and partner_<other> (-1 where not shared)."""
+  """One row per latent per seed: seed, latent, n_shared, stability, and partner_<other> (-1 where not shared)."""
   for base in result.names:
     others = [name for name in result.names if name != base]
     n_shared_F = popcount(result.masks[base])
+    stability_F = stability(result.masks[base], len(result.names))
     columns = [result.partners[base][other] for other in others]
     for i in range(n_shared_F.shape[0]):
-      row: dict[str, Any] = {'seed': base, 'latent': i, 'n_shared': int(n_shared_F[i])}
+      row: dict[str, Any] = {
+        'seed': base,
+        'latent': i,
+        'n_shared': int(n_shared_F[i]),
+        'stability': round(float(stability_F[i]), 6),
+      }
       for other, partner_F in zip(others, columns):
         row[f'partner_{other}'] = int(partner_F[i])
       yield row
@@ -235,7 +263,7 @@ def universality_table(result: SeedsResult) -> list[dict[str, Any]]:
 
 
 def universality_fields(names: Sequence[str]) -> list[str]:
-  return ['seed', 'latent', 'n_shared'] + [f'partner_{name}' for name in names]
+  return ['seed', 'latent', 'n_shared', 'stability'] + [f'partner_{name}' for name in names]
 
 
 def write_universality_csv(result: SeedsResult, path: str) -> None:

@@ -5,7 +5,8 @@
     DIR/checkpoints/<step>/                      Orbax (train state + data position)
     DIR/saes/<hookpoint>/seed<N>/                EleutherAI layout: sae.safetensors + cfg.json
     DIR/saelens/<hookpoint>/seed<N>/             SAELens layout: sae_weights.safetensors + cfg.json
-    DIR/summary.json                             final per-seed metrics (+ recovery for synthetic data)
+    DIR/summary.json                             final per-seed metrics, `seed_stats` (mean, std over seeds)
+                                                 (+ recovery for synthetic data)
 
 DIR may be local or on object storage (gs://bucket/run); every file is written atomically through
 `saejax.storage`, so an interrupted run never leaves a half-written file behind.
@@ -89,6 +90,44 @@ def prepare(workdir: str, config: TrainConfig, write: bool = True) -> None:
       )
   if write:
     storage.write_json(path, config.to_json())
+
+
+# Per-seed metrics that get a mean and standard deviation across seeds wherever they are reported.
+SEED_METRICS = ('fvu', 'l0', 'dead_fraction', 'ce_increase', 'kl')
+
+
+def per_seed_metrics(section: dict[str, Any]) -> list[dict[str, float]]:
+  """One hookpoint's summary section as one row per seed: held-out LM numbers where the run has them (CE, KL,
+  FVU, L0, dead fraction on text no run trained on), else the last logged training step's."""
+  held_out = (section.get('lm_eval') or {}).get('seeds')
+  if held_out:
+    return [{name: row[name] for name in SEED_METRICS if name in row} for row in held_out]
+  final = section.get('final') or {}
+  lists = {name: final[name] for name in SEED_METRICS if isinstance(final.get(name), list)}
+  num_seeds = max((len(values) for values in lists.values()), default=0)
+  return [{name: float(values[i]) for name, values in lists.items()} for i in range(num_seeds)]
+
+
+def seed_stats(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+  """{metric: {'mean', 'std'}} across seeds (population std; 0 for one seed) for every SEED_METRICS key present."""
+  stats = {}
+  for name in SEED_METRICS:
+    values = [float(row[name]) for row in rows if row.get(name) is not None]
+    if values:
+      mean = sum(values) / len(values)
+      std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+      stats[name] = {'mean': mean, 'std': std}
+  return stats
+
+
+def read_seed_stats(workdir: str, hookpoint: str | None = None) -> dict[str, dict[str, float]] | None:
+  """The finished run's seed statistics for one hookpoint (None when the run has no summary.json yet)."""
+  path = storage.join(workdir, SUMMARY)
+  if not storage.isfile(path):
+    return None
+  summary = storage.read_json(path)
+  section = summary.get('hookpoints', {}).get(hookpoint, summary) if hookpoint else summary
+  return section.get('seed_stats') or seed_stats(per_seed_metrics(section))
 
 
 class MetricsLog:

@@ -240,6 +240,9 @@ class Trainer:
         'final': last[0],
         **self.source.final_report(params, self.spec, config.num_steps, hookpoint),
       }
+      per_hookpoint[hookpoint]['seed_stats'] = run_folder.seed_stats(
+        run_folder.per_seed_metrics(per_hookpoint[hookpoint])
+      )
       if jax.process_index() == 0:
         self._export(hookpoint, params)
     if len(self.keys) == 1:
