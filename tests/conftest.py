@@ -34,3 +34,11 @@ import pytest  # noqa: E402
 @pytest.fixture(scope='session')
 def smollm2_gguf():
   return _smollm2_gguf()
+
+
+@pytest.fixture(scope='session')
+def english_corpus(tmp_path_factory):
+  """The pip-only English corpus (experiments.corpus), built once per test session from the per-machine cache."""
+  from saejax.data import corpus
+
+  return corpus.build(tmp_path_factory.mktemp('corpus') / 'english', log=lambda line: None)

@@ -30,8 +30,8 @@ def _cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope='module')
-def built(tmp_path_factory) -> Path:
-  return corpus.build(tmp_path_factory.mktemp('corpus') / 'english', log=lambda line: None)
+def built(english_corpus) -> Path:
+  return english_corpus
 
 
 @pytest.fixture(scope='module')
