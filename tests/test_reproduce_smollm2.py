@@ -175,3 +175,18 @@ def test_seed_stats_prefer_held_out_metrics():
   del section['lm_eval']
   stats = run_folder.seed_stats(run_folder.per_seed_metrics(section))
   assert set(stats) == {'fvu', 'l0', 'dead_fraction'} and stats['fvu'] == pytest.approx({'mean': 0.6, 'std': 0.1})
+
+
+@pytest.mark.parametrize('name', sorted(suite_smollm2.PLANS))
+def test_every_run_config_of_every_plan_is_valid(name, tmp_path):
+  plan = suite_smollm2.PLANS[name]
+  suite = suite_smollm2.Suite(str(tmp_path), plan, 'train.jsonl', 'heldout.jsonl')
+  base = suite.config(init_seeds=tuple(range(plan.num_seeds)))
+  base.validate()
+  assert base.num_steps * base.batch_size == plan.num_tokens and base.hookpoints == [plan.base]
+  for field, values in (('num_latents', plan.widths), ('k', plan.ks), ('num_tokens', plan.token_values)):
+    for value in values:
+      suite.config(**{field: value}).validate()
+  for arch in ('relu', 'gated'):
+    suite.config(arch=arch, num_tokens=plan.arch_tokens, init_seeds=(0,)).validate()
+  assert suite_smollm2.cache_config(plan, 'train.jsonl').hookpoints == [plan.early, plan.base, plan.late]
