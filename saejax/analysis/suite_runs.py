@@ -111,11 +111,6 @@ def tail_l0(workdir: str) -> float:
   return float(np.mean([np.mean(record['l0']) for record in tail]))
 
 
-def pair_mean(summary: dict[str, Any], key: str) -> float:
-  """The mean of one pair key (shared_fraction, pw_mcc, ...) over every pair of an alignment summary."""
-  return float(np.mean([pair[key] for pair in summary['pairs']]))
-
-
 def first_pair_npz(workdir: str) -> dict[str, np.ndarray]:
   """The per-latent arrays of the alignment's first pair (seed0 vs seed1)."""
   summary = storage.read_json(storage.join(workdir, 'alignment', 'summary.json'))
