@@ -82,8 +82,9 @@ class TrainConfig:
   # Mesh over all local devices: data x model. -1 means "all devices left over".
   mesh_data: int = -1
   mesh_model: int = 1
-  # Tokens per chunk in the sparse TopK kernels: bounds the gathered-rows working set.
-  kernel_chunk_tokens: int = 32
+  # Tokens per chunk in the sparse TopK kernels: n > 0 loops over chunks of n tokens (bounds the gathered-rows
+  # working set: cache-sized on CPU); 0 runs the whole batch at once (no loop); -1 picks per platform (tuning).
+  kernel_chunk_tokens: int = -1
   # 0 vmaps all seeds in one step; g > 0 loops over groups of g vmapped seeds (less memory; same SAEs);
   # -1 picks per platform (saejax.tuning): 1 on CPU, where a seed's rows stay in cache, 0 on accelerators.
   seed_group_size: int = -1
@@ -105,7 +106,7 @@ class TrainConfig:
       (self.num_features > 0, 'num_features must be positive'),
       (not self.feature_noise_std < 0, 'feature_noise_std must be >= 0'),
       (0 < self.feature_max_firing_prob <= 1, 'feature_max_firing_prob must be in (0, 1]'),
-      (self.kernel_chunk_tokens > 0, 'kernel_chunk_tokens must be positive'),
+      (self.kernel_chunk_tokens >= -1, 'kernel_chunk_tokens must be -1 (per platform), 0 (whole batch) or positive'),
       (len(self.hookpoints) >= 1, 'hookpoint is empty; name one, e.g. layers.6.mlp'),
       (len(set(self.hookpoints)) == len(self.hookpoints), f'hookpoint={self.hookpoint!r} repeats a name'),
       (self.source in LM_SOURCES or len(self.hookpoints) == 1, 'several hookpoints need the lm or cache source'),
@@ -119,6 +120,11 @@ class TrainConfig:
     for ok, message in checks:
       if not ok:
         raise ValueError(message)
+
+  def resolved_kernel_chunk_tokens(self, platform: str) -> int:
+    if self.kernel_chunk_tokens >= 0:
+      return self.kernel_chunk_tokens
+    return tuning.kernel_chunk_tokens(platform)
 
   def resolved_seed_group_size(self, platform: str) -> int:
     if self.seed_group_size >= 0:

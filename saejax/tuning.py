@@ -9,6 +9,10 @@ devices the work runs on, so an export for another platform can ask for that pla
   `'fused'` elsewhere: `jax.nn.dot_product_attention` (cuDNN flash attention where the GPU supports it).
 - LM dtype for `lm_dtype='auto'`: bfloat16 on accelerators (the paper's); float32 on CPU, where XLA's bf16
   forward is no faster (SmolLM2 to layer 6: 0.75 s fp32 vs 0.78 s bf16 on the AMD EPYC, and slower on a Xeon).
+- TopK kernel chunks for `kernel_chunk_tokens=-1`: on CPU the gathers and scatters of the sparse decode and
+  backward loop over 32-token chunks whose [32, k, d] working set stays in cache; on accelerators they run over
+  the whole batch at once (0), since a sequential loop of small chunks is thousands of tiny kernel launches
+  there (2,049 iterations per loop at the paper's 32 x 2,049-token batch).
 - Seed groups for `seed_group_size=-1`: on CPU one seed at a time, so a seed's rows stay in cache (vmapping
   nine was 3.4x slower); on accelerators all seeds in one vmapped step.
 """
@@ -26,6 +30,14 @@ def lm_attention(platform: str) -> str:
 def lm_dtype(platform: str) -> str:
   """The LM compute dtype that `lm_dtype='auto'` resolves to."""
   return 'float32' if platform == 'cpu' else 'bfloat16'
+
+
+CPU_KERNEL_CHUNK_TOKENS = 32
+
+
+def kernel_chunk_tokens(platform: str) -> int:
+  """Tokens per chunk of the sparse TopK kernels; 0 means the whole batch in one pass (no loop)."""
+  return CPU_KERNEL_CHUNK_TOKENS if platform == 'cpu' else 0
 
 
 def seed_group_size(platform: str) -> int:

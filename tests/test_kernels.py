@@ -19,7 +19,7 @@ def _problem(batch=48, d_in=12, num_latents=96, seed=0):
   )
 
 
-@pytest.mark.parametrize('shards,chunk', [(1, 1), (1, 7), (4, 16), (8, 48)])
+@pytest.mark.parametrize('shards,chunk', [(1, 1), (1, 7), (4, 16), (8, 48), (1, 0), (4, 0)])
 def test_custom_backward_matches_autodiff(shards, chunk):
   x, b_dec, W_enc, b_enc, W_dec = _problem()
   mask_bias = jnp.zeros(W_enc.shape[0])

@@ -34,13 +34,15 @@ class SaeSpec:
   auxk_coefficient: float = 1.0 / 32.0
   multi_topk: bool = False
   latent_shards: int = 1
-  chunk_tokens: int = 32
+  chunk_tokens: int = 32  # 0: the whole batch at once (saejax.tuning.kernel_chunk_tokens)
 
   @classmethod
-  def from_config(cls, config: Any, latent_shards: int = 1) -> SaeSpec:
+  def from_config(cls, config: Any, latent_shards: int = 1, platform: str | None = None) -> SaeSpec:
+    """The spec of `config`; per-platform fields resolve for `platform` (default: JAX's default backend)."""
     names = {f.name for f in dataclasses.fields(cls)} - {'latent_shards', 'chunk_tokens'}
     values = {name: getattr(config, name) for name in names}
-    return cls(**values, latent_shards=latent_shards, chunk_tokens=config.kernel_chunk_tokens)
+    chunk_tokens = config.resolved_kernel_chunk_tokens(platform or jax.default_backend())
+    return cls(**values, latent_shards=latent_shards, chunk_tokens=chunk_tokens)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,8 @@ The dense formulation (`relu(x W_enc^T) -> top-k -> z_BxF @ W_dec`) costs three 
 step under autodiff: the encoder, its weight gradient, and the decoder. Here only the encoder product is
 dense. The decoder gathers the k selected rows per token, and the backward scatters k rows per token into
 the weight gradients. On CPU the gathered [B,k,d] working set, not the FLOPs, is what costs, so the gathers
-and scatters run over small token chunks (`chunk_tokens`) that stay in cache.
+and scatters run over small token chunks (`chunk_tokens`) that stay in cache. On accelerators
+(`chunk_tokens=0`, saejax.tuning) they run over the whole batch at once: no sequential loop at all.
 
 Token chunks are strided (chunk j holds tokens j, j+n, j+2n, ...) so that a batch sharded over the mesh's
 `data` axis stays evenly sharded inside every chunk.
@@ -36,6 +37,10 @@ def global_top_k(pre_BxF: jax.Array, k: int, shards: int = 1) -> tuple[jax.Array
   return vals, jnp.take_along_axis(local_idx.reshape(flat_shape), pos, axis=-1)
 
 
+def _whole_batch(batch: int, chunk_tokens: int) -> bool:
+  return chunk_tokens <= 0 or chunk_tokens >= batch
+
+
 def _to_chunks(a_Bx: jax.Array, chunk_tokens: int) -> jax.Array:
   """[B, ...] -> [num_chunks, chunk, ...] with strided token assignment."""
   batch = a_Bx.shape[0]
@@ -63,6 +68,8 @@ def sparse_decode(vals_BxK: jax.Array, idx_BxK: jax.Array, W_dec_FxD: jax.Array,
     vals_CxK, idx_CxK = args
     return jnp.einsum('ck,ckd->cd', vals_CxK, W_dec_FxD[idx_CxK])
 
+  if _whole_batch(vals_BxK.shape[0], chunk_tokens):
+    return decode_chunk((vals_BxK, idx_BxK))
   chunks = (_to_chunks(vals_BxK, chunk_tokens), _to_chunks(idx_BxK, chunk_tokens))
   return _from_chunks(lax.map(decode_chunk, chunks))
 
@@ -74,6 +81,8 @@ def _gathered_dot(e_BxD: jax.Array, idx_BxK: jax.Array, W_FxD: jax.Array, chunk_
     e_CxD, idx_CxK = args
     return jnp.einsum('cd,ckd->ck', e_CxD, W_FxD[idx_CxK])
 
+  if _whole_batch(e_BxD.shape[0], chunk_tokens):
+    return chunk_dot((e_BxD, idx_BxK))
   chunks = (_to_chunks(e_BxD, chunk_tokens), _to_chunks(idx_BxK, chunk_tokens))
   return _from_chunks(lax.map(chunk_dot, chunks))
 
@@ -81,17 +90,23 @@ def _gathered_dot(e_BxD: jax.Array, idx_BxK: jax.Array, W_FxD: jax.Array, chunk_
 def _scatter_row_grads(idx_BxK, dpre_BxK, xc_BxD, vals_BxK, e_BxD, num_latents: int, chunk_tokens: int):
   """dW_enc[i] += dpre[b,j] xc[b] and dW_dec[i] += vals[b,j] e[b] for i = idx[b,j], chunk by chunk."""
   d_in = xc_BxD.shape[-1]
-  chunked = [_to_chunks(a, chunk_tokens) for a in (idx_BxK, dpre_BxK, xc_BxD, vals_BxK, e_BxD)]
 
-  def body(n, grads):
+  def add_rows(grads, idx_CxK, dpre_CxK, xc_CxD, vals_CxK, e_CxD):
     dW_enc, dW_dec = grads
-    idx_CxK, dpre_CxK, xc_CxD, vals_CxK, e_CxD = (a[n] for a in chunked)
     rows = idx_CxK.reshape(-1)
     dW_enc = dW_enc.at[rows].add((dpre_CxK[..., None] * xc_CxD[:, None, :]).reshape(-1, d_in))
     dW_dec = dW_dec.at[rows].add((vals_CxK[..., None] * e_CxD[:, None, :]).reshape(-1, d_in))
     return dW_enc, dW_dec
 
   zeros = jnp.zeros((num_latents, d_in), xc_BxD.dtype)
+  arrays = (idx_BxK, dpre_BxK, xc_BxD, vals_BxK, e_BxD)
+  if _whole_batch(idx_BxK.shape[0], chunk_tokens):
+    return add_rows((zeros, zeros), *arrays)
+  chunked = [_to_chunks(a, chunk_tokens) for a in arrays]
+
+  def body(n, grads):
+    return add_rows(grads, *(a[n] for a in chunked))
+
   return lax.fori_loop(0, chunked[0].shape[0], body, (zeros, zeros))
 
 

@@ -91,7 +91,8 @@ class Trainer:
     shd.check_batch_divisible(self.mesh, config.batch_size)
     self.source = data.make_source(config, shd.batch_sharding(self.mesh))
     self.arch = sae_lib.get(config.arch)
-    self.spec = sae_lib.SaeSpec.from_config(config, latent_shards=self.mesh.shape[shd.MODEL])
+    platform = self.mesh.devices.flat[0].platform
+    self.spec = sae_lib.SaeSpec.from_config(config, latent_shards=self.mesh.shape[shd.MODEL], platform=platform)
     self.tx, self.schedule = optimizer.make_optimizer(config)
     self.metrics_log = run_folder.MetricsLog(workdir)
 
