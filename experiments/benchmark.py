@@ -4,6 +4,7 @@
   python -m experiments.benchmark align [--ns=4096,8192,16384,32768,131072]
   python -m experiments.benchmark lm --rows=2 --seeds=1,9 --num_latents=32768
   python -m experiments.benchmark smollm2   # SmolLM2 GGUF vs transformers+torch, cache write/read, train from cache
+  python -m experiments.benchmark compile   # XLA compile time: the paper-size step, a 32-layer Llama 3 8B forward
 
 `train` times the full jitted step (all seeds) next to the unavoidable encoder product [B,d] x [d,M] for one
 seed, measured in the same process with the same dtype, and EleutherAI sparsify's own step at the same shapes
@@ -39,6 +40,7 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats (minimum reported).
 _ARCH = flags.DEFINE_string('arch', 'topk', 'SAE architecture.')
 _SEED_GROUP = flags.DEFINE_integer('seed_group_size', -1, 'TrainConfig.seed_group_size (0: vmap all; -1: auto).')
 _CHUNK = flags.DEFINE_integer('chunk_tokens', -1, 'TrainConfig.kernel_chunk_tokens (-1: per platform).')
+_SAE_DTYPE = flags.DEFINE_enum('sae_dtype', 'auto', ['auto', 'float32', 'bfloat16'], 'TrainConfig.sae_dtype.')
 _ALIGN_NS = flags.DEFINE_list('ns', ['4096', '8192', '16384', '32768', '131072'], 'align: latent counts n.')
 _N = flags.DEFINE_integer('n', 4096, 'align_one: latent count.')
 _IMPL = flags.DEFINE_enum('impl', 'saejax', ['saejax', 'scipy'], 'align_one: implementation.')
@@ -110,6 +112,7 @@ def train_step_seconds(num_seeds: int, repeats: int) -> tuple[float, float]:
     init_seeds=tuple(range(num_seeds)),
     seed_group_size=_SEED_GROUP.value,
     kernel_chunk_tokens=_CHUNK.value,
+    sae_dtype=_SAE_DTYPE.value,
     source='synthetic',
     num_features=2 * _D_IN.value,
   )
@@ -154,6 +157,7 @@ def bench_train() -> None:
       'step_over_S_matmul': round(step_s / (num_seeds * matmul_s), 3),
       'seed_group_size': _SEED_GROUP.value,
       'chunk_tokens': _CHUNK.value,
+      'sae_dtype': _SAE_DTYPE.value,
       'machine': machine(),
     }
     if sparsify and 'step_s' in sparsify:
@@ -330,12 +334,36 @@ def bench_smollm2() -> None:
   bench_smollm2_lib.run(machine(), _REPEATS.value)
 
 
+def bench_compile() -> None:
+  """Lower + compile from shapes alone (nothing runs): the paper's 9-seed step, and Llama 3 8B's 32 blocks."""
+  from saejax.models import shapes
+  from saejax.train import export
+
+  batch = 32 * 2049
+  step_config = TrainConfig(
+    source='synthetic', d_in=768, num_latents=32768, k=32, batch_size=batch, num_tokens=batch * 4000,
+    init_seeds=tuple(range(9)),
+  )  # fmt: skip
+  step_fn, init_fn, x_struct = export.train_step_parts(step_config, jax.default_backend())
+  cases = [('paper step (S=9, M=32768, k=32, 32x2049 tokens)', step_fn, (jax.eval_shape(init_fn), x_struct))]
+  llama = shapes.PRESETS['llama3-8b']
+  forward = export.lm_forward_fn(llama, jax.default_backend(), 'bfloat16', stop_layer=None)
+  tokens = jax.ShapeDtypeStruct((1, 2049), jnp.int32)
+  cases.append(('llama3-8b forward (32 blocks + logits, 1x2049 tokens, bf16)', forward,
+                (shapes.abstract_params(llama, jnp.bfloat16), tokens)))  # fmt: skip
+  for what, fn, args in cases:
+    seconds = export.compile_seconds(fn, args)
+    record = {'bench': 'compile', 'what': what, 'compile_s': round(seconds, 2), 'machine': machine()}
+    print(json.dumps(record), flush=True)
+
+
 BENCHES = {
   'train': bench_train,
   'align': bench_align,
   'align_one': bench_align_one_main,
   'lm': bench_lm,
   'smollm2': bench_smollm2,
+  'compile': bench_compile,
 }
 
 

@@ -16,6 +16,8 @@ SOURCES = ('synthetic', 'lm', 'cache')
 LM_SOURCES = ('lm', 'cache')  # token sequences of a language model: whole sequences, several hookpoints
 B_DEC_INITS = ('mean', 'geometric_median')
 LM_DTYPES = ('auto', 'bfloat16', 'float32')
+SAE_DTYPES = ('auto', 'float32', 'bfloat16')
+TOPK_KERNELS = ('auto', 'sparse', 'dense')
 
 
 @dataclasses.dataclass
@@ -65,7 +67,7 @@ class TrainConfig:
   dataset_split: str = 'train'
   text_column: str = 'text'
   context_length: int = 2049
-  # The paper ran the LM in bf16; 'auto' is saejax.tuning's per-platform choice. SAEs always train in float32.
+  # The paper ran the LM in bf16; 'auto' is saejax.tuning's per-platform choice. The SAEs: `sae_dtype` below.
   lm_dtype: str = 'bfloat16'
   exclude_special_tokens: bool = False  # drop BOS/EOS positions from the activation stream
   eval_tokens: int = 1_000_000  # held-out tokens for CE-loss/KL/FVU evaluation at the end (0: skip)
@@ -82,11 +84,19 @@ class TrainConfig:
   # Mesh over all local devices: data x model. -1 means "all devices left over".
   mesh_data: int = -1
   mesh_model: int = 1
-  # Tokens per chunk in the sparse TopK kernels: n > 0 loops over chunks of n tokens (bounds the gathered-rows
-  # working set: cache-sized on CPU); 0 runs the whole batch at once (no loop); -1 picks per platform (tuning).
+  # The SAE kernel plan; -1 / 'auto' pick per platform (saejax.tuning, where each choice is explained).
+  # Tokens per chunk of the sparse TopK gathers and scatters: n > 0 loops over strided chunks of n tokens (a
+  # cache-sized working set on CPU: 32); 0 means no token chunks.
   kernel_chunk_tokens: int = -1
+  # Without token chunks, the gathers and scatters run over about n equal blocks (accelerators: 8, a trip count
+  # that does not grow with the batch); 0 runs the whole batch in one pass.
+  kernel_blocks: int = -1
+  topk_kernel: str = 'auto'  # 'sparse' (gathers + row scatters) or 'dense' (masked dense products)
+  # SAE matmul operands: 'float32' or 'bfloat16' (float32 accumulation, master weights, Adam and renormalisation).
+  sae_dtype: str = 'auto'
   # 0 vmaps all seeds in one step; g > 0 loops over groups of g vmapped seeds (less memory; same SAEs);
-  # -1 picks per platform (saejax.tuning): 1 on CPU, where a seed's rows stay in cache, 0 on accelerators.
+  # -1 picks per platform: 1 on CPU, where a seed's rows stay in cache; on accelerators the largest group whose
+  # pre-activations fit saejax.tuning's budget.
   seed_group_size: int = -1
 
   def validate(self) -> None:
@@ -106,7 +116,11 @@ class TrainConfig:
       (self.num_features > 0, 'num_features must be positive'),
       (not self.feature_noise_std < 0, 'feature_noise_std must be >= 0'),
       (0 < self.feature_max_firing_prob <= 1, 'feature_max_firing_prob must be in (0, 1]'),
-      (self.kernel_chunk_tokens >= -1, 'kernel_chunk_tokens must be -1 (per platform), 0 (whole batch) or positive'),
+      (self.kernel_chunk_tokens >= -1, 'kernel_chunk_tokens must be -1 (per platform), 0 (no chunks) or positive'),
+      (self.kernel_blocks >= -1, 'kernel_blocks must be -1 (per platform), 0 (whole batch) or positive'),
+      (self.topk_kernel in TOPK_KERNELS, f'topk_kernel={self.topk_kernel!r}; use one of {", ".join(TOPK_KERNELS)}'),
+      (self.sae_dtype in SAE_DTYPES, f'sae_dtype={self.sae_dtype!r}; use one of {", ".join(SAE_DTYPES)}'),
+      (self.seed_group_size >= -1, 'seed_group_size must be -1 (per platform), 0 (all seeds at once) or positive'),
       (len(self.hookpoints) >= 1, 'hookpoint is empty; name one, e.g. layers.6.mlp'),
       (len(set(self.hookpoints)) == len(self.hookpoints), f'hookpoint={self.hookpoint!r} repeats a name'),
       (self.source in LM_SOURCES or len(self.hookpoints) == 1, 'several hookpoints need the lm or cache source'),
@@ -121,15 +135,23 @@ class TrainConfig:
       if not ok:
         raise ValueError(message)
 
-  def resolved_kernel_chunk_tokens(self, platform: str) -> int:
-    if self.kernel_chunk_tokens >= 0:
-      return self.kernel_chunk_tokens
-    return tuning.kernel_chunk_tokens(platform)
+  def resolved_kernel_plan(self, platform: str) -> dict[str, Any]:
+    """The SaeSpec kernel fields for `platform` ('cpu', 'gpu', 'tpu'), with -1 / 'auto' resolved."""
+
+    def pick(value, default):
+      return default if value in (-1, 'auto') else value
+
+    return {
+      'chunk_tokens': pick(self.kernel_chunk_tokens, tuning.kernel_chunk_tokens(platform)),
+      'kernel_blocks': pick(self.kernel_blocks, tuning.kernel_blocks(platform)),
+      'topk_kernel': pick(self.topk_kernel, tuning.topk_kernel(platform)),
+      'sae_dtype': pick(self.sae_dtype, tuning.sae_dtype(platform)),
+    }
 
   def resolved_seed_group_size(self, platform: str) -> int:
     if self.seed_group_size >= 0:
       return self.seed_group_size
-    return tuning.seed_group_size(platform)
+    return tuning.seed_group_size(platform, len(self.init_seeds), self.batch_size, self.num_latents)
 
   def resolved_lm_dtype(self, platform: str | None = None) -> str:
     """'float32' or 'bfloat16': `lm_dtype`, with 'auto' resolved for `platform` (the default backend if None)."""

@@ -19,33 +19,103 @@ def _problem(batch=48, d_in=12, num_latents=96, seed=0):
   )
 
 
-@pytest.mark.parametrize('shards,chunk', [(1, 1), (1, 7), (4, 16), (8, 48), (1, 0), (4, 0)])
+CHUNKINGS = [
+  (1, kernels.Chunking(tokens=1)),
+  (1, kernels.Chunking(tokens=7)),
+  (4, kernels.Chunking(tokens=16)),
+  (8, kernels.Chunking(tokens=48)),
+  (1, kernels.Chunking()),
+  (4, kernels.Chunking()),
+  (1, kernels.Chunking(blocks=8)),
+  (4, kernels.Chunking(blocks=5)),
+]
+
+
+def _objective(x, mask_bias, autoencode):
+  def f(b_dec, W_enc, b_enc, W_dec):
+    recon, vals, _ = autoencode(x, b_dec, W_enc, b_enc, W_dec, mask_bias)
+    return jnp.sum(jnp.sin(recon)) + 0.3 * jnp.sum(vals**2)
+
+  return f
+
+
+def _assert_same_value_and_grads(f, g, rtol, args):
+  np.testing.assert_allclose(f(*args), g(*args), rtol=rtol)
+  for got, want in zip(jax.grad(f, argnums=(0, 1, 2, 3))(*args), jax.grad(g, argnums=(0, 1, 2, 3))(*args)):
+    np.testing.assert_allclose(got, want, rtol=2 * rtol, atol=2 * rtol * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize('shards,chunk', CHUNKINGS)
 def test_custom_backward_matches_autodiff(shards, chunk):
   x, b_dec, W_enc, b_enc, W_dec = _problem()
   mask_bias = jnp.zeros(W_enc.shape[0])
 
-  def objective(autoencode):
-    def f(b_dec, W_enc, b_enc, W_dec):
-      recon, vals, _ = autoencode(x, b_dec, W_enc, b_enc, W_dec, mask_bias)
-      return jnp.sum(jnp.sin(recon)) + 0.3 * jnp.sum(vals**2)
+  sparse = _objective(x, mask_bias, lambda *a: kernels.topk_autoencode(*a, 5, shards, chunk))
+  reference = _objective(x, mask_bias, lambda *a: kernels.topk_autoencode_reference(*a, 5))
+  _assert_same_value_and_grads(sparse, reference, 1e-4, (b_dec, W_enc, b_enc, W_dec))
 
-    return f
 
-  sparse = objective(lambda *a: kernels.topk_autoencode(*a, 5, shards, chunk))
-  dense = objective(lambda *a: kernels.topk_autoencode_reference(*a, 5))
-  args = (b_dec, W_enc, b_enc, W_dec)
-  np.testing.assert_allclose(sparse(*args), dense(*args), rtol=1e-5)
-  for got, want in zip(jax.grad(sparse, argnums=(0, 1, 2, 3))(*args), jax.grad(dense, argnums=(0, 1, 2, 3))(*args)):
-    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * float(jnp.max(jnp.abs(want))))
+@pytest.mark.parametrize('shards', [1, 4])
+def test_dense_formulation_matches_autodiff_reference(shards):
+  x, b_dec, W_enc, b_enc, W_dec = _problem()
+  mask_bias = jnp.where(jnp.arange(W_enc.shape[0]) % 5 == 0, -jnp.inf, 0.0)
+  dense = _objective(x, mask_bias, lambda *a: kernels.topk_autoencode_dense(*a, 5, shards, 'float32'))
+  reference = _objective(x, mask_bias, lambda *a: kernels.topk_autoencode_reference(*a, 5))
+  _assert_same_value_and_grads(dense, reference, 1e-4, (b_dec, W_enc, b_enc, W_dec))
+
+
+def _bf16_operand_reference(x, b_dec, W_enc, b_enc, W_dec, mask_bias, k):
+  """What bf16 operands with float32 accumulation mean: float32 products of bf16-rounded operands."""
+
+  def rounded(a):
+    return a.astype(jnp.bfloat16).astype(jnp.float32)
+
+  highest = jax.lax.Precision.HIGHEST
+  pre = jnp.matmul(rounded(x - b_dec), rounded(W_enc).T, precision=highest) + b_enc + mask_bias
+  top, idx = jax.lax.top_k(pre, k)
+  vals = jnp.maximum(top, 0.0)
+  z = jnp.zeros_like(pre).at[jnp.arange(pre.shape[0])[:, None], idx].set(rounded(vals))
+  return jnp.matmul(z, rounded(W_dec), precision=highest), vals, idx
+
+
+@pytest.mark.parametrize('formulation', ['sparse', 'dense'])
+def test_bfloat16_means_bf16_operands_with_float32_accumulation(formulation):
+  x, b_dec, W_enc, b_enc, W_dec = _problem(batch=64, d_in=32, num_latents=128)
+  mask_bias = jnp.zeros(W_enc.shape[0])
+
+  def run(dtype):
+    if formulation == 'dense':
+      return lambda *a: kernels.topk_autoencode_dense(*a, 5, 1, dtype)
+    return lambda *a: kernels.topk_autoencode(*a, 5, 1, kernels.Chunking(tokens=8), dtype)
+
+  recon, vals, idx = run('bfloat16')(x, b_dec, W_enc, b_enc, W_dec, mask_bias)
+  want_recon, want_vals, want_idx = _bf16_operand_reference(x, b_dec, W_enc, b_enc, W_dec, mask_bias, 5)
+  assert recon.dtype == vals.dtype == jnp.float32
+  np.testing.assert_array_equal(idx, want_idx)
+  np.testing.assert_allclose(vals, want_vals, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(recon, want_recon, rtol=1e-4, atol=1e-5)
+  # And it is not float32 in disguise: the selection or the values move by bf16's rounding.
+  recon32, _, _ = run('float32')(x, b_dec, W_enc, b_enc, W_dec, mask_bias)
+  assert float(jnp.max(jnp.abs(recon - recon32))) > 1e-4
+  # Gradients come back float32 and agree with the rounded reference's to bf16 precision.
+  grad_args = (b_dec, W_enc, b_enc, W_dec)
+  got = jax.grad(_objective(x, mask_bias, run('bfloat16')), argnums=(1, 3))(*grad_args)
+  reference = _objective(x, mask_bias, lambda *a: _bf16_operand_reference(*a, 5))
+  for g, w in zip(got, jax.grad(reference, argnums=(1, 3))(*grad_args)):
+    assert g.dtype == jnp.float32
+    assert float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) < 2e-2
 
 
 def test_mask_bias_excludes_latents_and_gets_no_gradient():
   x, b_dec, W_enc, b_enc, W_dec = _problem()
   allowed = jnp.arange(W_enc.shape[0]) % 3 == 0
   mask_bias = jnp.where(allowed, 0.0, -jnp.inf)
-  _, vals, idx = kernels.topk_autoencode(x, b_dec, W_enc, b_enc, W_dec, mask_bias, 4, 1, 8)
+  _, vals, idx = kernels.topk_autoencode(x, b_dec, W_enc, b_enc, W_dec, mask_bias, 4, 1, kernels.Chunking(8))
   assert bool(jnp.all(allowed[idx] | (vals == 0)))
-  grad = jax.grad(lambda m: jnp.sum(kernels.topk_autoencode(x, b_dec, W_enc, b_enc, W_dec, m, 4, 1, 8)[0]))(mask_bias)
+  chunking = kernels.Chunking(8)
+  grad = jax.grad(lambda m: jnp.sum(kernels.topk_autoencode(x, b_dec, W_enc, b_enc, W_dec, m, 4, 1, chunking)[0]))(
+    mask_bias
+  )
   assert not bool(jnp.any(grad))
 
 
@@ -61,7 +131,12 @@ def test_two_stage_top_k_equals_global_top_k_including_ties(shards):
 
 def test_chunking_tiles_batch_exactly():
   for batch, chunk in [(12, 5), (7, 32), (64, 32), (30, 1)]:
-    size = kernels._chunk_size(batch, chunk)
+    size = kernels.Chunking(tokens=chunk).chunk_size(batch)
     assert batch % size == 0 and size <= max(chunk, 1)
+  # Blocks: a trip count that does not grow with the batch (the paper's 32 x 2049 tokens make 8 blocks).
+  for batch in (32 * 2049, 64 * 2049, 4096, 2**20):
+    assert batch // kernels.Chunking(blocks=8).chunk_size(batch) == 8
+  assert kernels.Chunking(blocks=8).chunk_size(8191) == 8191  # prime: one pass, never 8,191 one-token blocks
+  assert kernels.Chunking().chunk_size(100) == 100
   a = jnp.arange(24).reshape(12, 2)
   np.testing.assert_array_equal(kernels._from_chunks(kernels._to_chunks(a, 4)), a)

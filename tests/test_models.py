@@ -347,3 +347,32 @@ def test_unknown_architecture_is_a_value_error(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'bert', 'architectures': ['BertModel']}))
   with pytest.raises(ValueError, match='supported are gpt_neox, gpt2, llama'):
     models.load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize('name', ['neox_parallel', 'gpt2', 'llama_gqa_untied'])
+def test_abstract_params_are_the_loaders_pytree(saved, name):
+  from saejax.models import shapes
+
+  model = models.load_pretrained(saved(name)[1], dtype=jnp.float32)
+  loaded = jax.tree.map(lambda a: (a.shape, a.dtype), model.params)
+  abstract = jax.tree.map(lambda a: (a.shape, a.dtype), shapes.abstract_params(model.config, jnp.float32))
+  assert jax.tree.structure(abstract) == jax.tree.structure(loaded)
+  assert jax.tree.leaves(abstract) == jax.tree.leaves(loaded)
+
+
+@pytest.mark.parametrize('name', ['neox_parallel', 'llama_gqa_untied'])
+def test_attention_kinds_agree(saved, name):
+  from saejax.models import forward as forward_lib
+
+  model = models.load_pretrained(saved(name)[1], dtype=jnp.float32)
+  tokens = jnp.asarray(_tokens())
+
+  def logits(kind, block=64):
+    _, out = forward_lib.forward(
+      model.params, tokens, {}, cfg=model.config, taps=(), want_logits=True, attention=kind, attention_block=block
+    )
+    return out
+
+  dense = logits('dense')
+  for kind, block in (('chunked', 5), ('chunked', 512), ('fused', 64)):
+    assert_close(logits(kind, block), dense, rtol=1e-5, what=f'{name} {kind} block={block}')

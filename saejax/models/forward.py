@@ -14,14 +14,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from saejax import tuning
 from saejax.models import layers
 from saejax.models.config import ModelConfig, hookpoint_name
 
 
-def _block(cfg: ModelConfig, params: dict, x_BxTxD, layer: int, rope, precision, tap, attention: str):
+def _block(cfg: ModelConfig, params: dict, x_BxTxD, layer: int, rope, precision, tap, attention: tuple[str, int]):
   """One pre-norm transformer block; `tap(name, act)` records and/or replaces each hookpoint's activation."""
   normed_BxTxD = layers.norm(cfg, params['ln1'], x_BxTxD)
-  attn_BxTxD = layers.attention(cfg, params['attn'], normed_BxTxD, layer, rope, precision, attention)
+  attn_BxTxD = layers.attention(cfg, params['attn'], normed_BxTxD, layer, rope, precision, *attention)
   attn_BxTxD = tap(hookpoint_name(layer, 'attn'), attn_BxTxD)
   if cfg.parallel_residual:
     # GPT-NeoX (Pythia): the MLP sees the norm of the block *input*, not of the post-attention stream.
@@ -51,7 +52,7 @@ def unembed(cfg: ModelConfig, params: dict, x_BxTxD: jax.Array, precision) -> ja
   return jnp.einsum('btd,vd->btv', h_BxTxD, table_VxD, precision=precision, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'taps', 'want_logits', 'attention'))
+@functools.partial(jax.jit, static_argnames=('cfg', 'taps', 'want_logits', 'attention', 'attention_block'))
 def forward(
   params: dict,
   tokens_BxT: jax.Array,
@@ -61,11 +62,13 @@ def forward(
   taps: tuple[str, ...],
   want_logits: bool,
   attention: str = 'dense',
+  attention_block: int = tuning.CPU_ATTENTION_BLOCK,
 ):
   """Runs `len(params['layers'])` blocks; returns ({hookpoint: [B, T, d]}, logits [B, T, V] f32 or None).
 
   `attention` is the attention kernel (`layers.causal_attention`; `saejax.tuning.lm_attention` picks it per
-  platform): the numbers agree to rounding, the speed does not.
+  platform, with `attention_block` queries per block of 'chunked'): the numbers agree to rounding, the speed and
+  the memory do not.
 
   `replace` maps hookpoint -> `jax.tree_util.Partial`: its arguments are traced like any other input, so an
   SAE's parameters passed that way are neither baked into the program nor a reason to recompile.
@@ -85,7 +88,7 @@ def forward(
   x_BxTxD = embed(cfg, params, tokens_BxT)
   rope = layers.rope_tables(cfg, tokens_BxT.shape[1]) if cfg.rope is not None else None
   for layer, layer_params in enumerate(params['layers']):
-    x_BxTxD = _block(cfg, layer_params, x_BxTxD, layer, rope, precision, tap, attention)
+    x_BxTxD = _block(cfg, layer_params, x_BxTxD, layer, rope, precision, tap, (attention, attention_block))
   logits_BxTxV = unembed(cfg, params, x_BxTxD, precision) if want_logits else None
   return acts, logits_BxTxV
 

@@ -22,7 +22,10 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-import gguf
+try:
+  import gguf
+except ImportError:  # only reading a .gguf file needs it; a GPU image without it still runs everything else
+  gguf = None
 import numpy as np
 from jax.sharding import Mesh
 
@@ -82,6 +85,8 @@ def find(path_or_id, marker: str = 'config.json', required: bool = True) -> Path
 def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
   """A `GGUFReader` over `path`, after checking it is a GGUF file whose every tensor lies inside the file."""
   path = Path(path)
+  if gguf is None:
+    raise ImportError(f'reading {path} needs the gguf package (llama.cpp\'s reader): pip install "gguf>=0.17"')
   size = path.stat().st_size
   with open(path, 'rb') as f:
     magic = f.read(4)

@@ -100,12 +100,16 @@ def causal_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, scale: float, precision, k
 
   `dense` materialises the whole `[B, G, R, T, T]` fp32 score tensor; `chunked` runs blocks of `block` queries,
   each against the keys up to its last query only (the same numbers, without the upper triangle); `fused` is
-  `jax.nn.dot_product_attention` (cuDNN flash attention where the GPU supports it). `saejax.tuning` picks one.
+  `jax.nn.dot_product_attention`'s XLA form; `cudnn` its cuDNN flash attention (GPU, bf16/fp16), which never
+  writes the scores. `saejax.tuning` picks one.
   """
   B, T, H, K = q_BxTxHxK.shape
   G = k_BxTxGxK.shape[2]
-  if kind == 'fused':
-    return jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, scale=scale, is_causal=True)
+  if kind in ('fused', 'cudnn'):
+    implementation = 'cudnn' if kind == 'cudnn' else None
+    return jax.nn.dot_product_attention(
+      q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, scale=scale, is_causal=True, implementation=implementation
+    )
   q_BxTxGxRxK = q_BxTxHxK.reshape(B, T, G, H // G, K)
   starts = range(0, T, block) if kind == 'chunked' else (0,)
   outs = []
@@ -119,7 +123,14 @@ def causal_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, scale: float, precision, k
 
 
 def attention(
-  cfg: ModelConfig, params: dict, x_BxTxD: jax.Array, layer: int, rope, precision, kind: str = 'dense'
+  cfg: ModelConfig,
+  params: dict,
+  x_BxTxD: jax.Array,
+  layer: int,
+  rope,
+  precision,
+  kind: str = 'dense',
+  block: int = tuning.CPU_ATTENTION_BLOCK,
 ) -> jax.Array:
   """Causal self-attention, output projection and its bias included (the `layers.N.attn` hookpoint)."""
   B, T, _ = x_BxTxD.shape
@@ -131,7 +142,7 @@ def attention(
     q_BxTxHxK = apply_rope(q_BxTxHxK, *rope)
     k_BxTxGxK = apply_rope(k_BxTxGxK, *rope)
   scale = K**-0.5 / ((layer + 1) if cfg.attn_scale_by_layer else 1)
-  out_BxTxHxK = causal_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, scale, precision, kind, tuning.CPU_ATTENTION_BLOCK)
+  out_BxTxHxK = causal_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, scale, precision, kind, block)
   return linear(out_BxTxHxK.reshape(B, T, H * K), params, 'wo', 'bo', precision)
 
 

@@ -46,10 +46,14 @@ class LanguageModel:
     return self.config.d_model
 
   @property
+  def platform(self) -> str:
+    return tuning.platform_of(self.mesh if self.mesh is not None else self.params['embed'])
+
+  @property
   def attention(self) -> str:
     if self.attention_kind is not None:
       return self.attention_kind
-    return tuning.lm_attention(tuning.platform_of(self.mesh if self.mesh is not None else self.params['embed']))
+    return tuning.lm_attention(self.platform, self.dtype, self.config.head_dim)
 
   def parse_hookpoint(self, name: str) -> tuple[int, str]:
     """(layer, kind) with kind in 'resid' | 'attn' | 'mlp'; ValueError for bad names or out-of-range layers."""
@@ -113,6 +117,7 @@ class LanguageModel:
       taps=taps,
       want_logits=want_logits,
       attention=self.attention,
+      attention_block=tuning.attention_block(self.platform),
     )
 
   def activations(

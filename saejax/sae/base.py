@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from saejax.sae import kernels
+
 Params = dict[str, jax.Array]
 Aux = dict[str, jax.Array]
 
@@ -34,15 +36,24 @@ class SaeSpec:
   auxk_coefficient: float = 1.0 / 32.0
   multi_topk: bool = False
   latent_shards: int = 1
-  chunk_tokens: int = 32  # 0: the whole batch at once (saejax.tuning.kernel_chunk_tokens)
+  # The per-platform kernel plan (saejax.tuning; TrainConfig resolves its -1/'auto' fields for a platform).
+  chunk_tokens: int = 32  # tokens per chunk of the sparse TopK gathers and scatters; 0: no token chunks
+  kernel_blocks: int = 0  # with chunk_tokens=0: about this many equal blocks (0 or 1: the whole batch)
+  topk_kernel: str = 'sparse'  # 'sparse' (gathers, k rows per token) or 'dense' (masked dense products)
+  sae_dtype: str = 'float32'  # matmul operands: 'float32' or 'bfloat16' (float32 accumulation and master weights)
+
+  @property
+  def chunking(self) -> kernels.Chunking:
+    return kernels.Chunking(self.chunk_tokens, self.kernel_blocks)
 
   @classmethod
   def from_config(cls, config: Any, latent_shards: int = 1, platform: str | None = None) -> SaeSpec:
     """The spec of `config`; per-platform fields resolve for `platform` (default: JAX's default backend)."""
-    names = {f.name for f in dataclasses.fields(cls)} - {'latent_shards', 'chunk_tokens'}
+    platform = platform or jax.default_backend()
+    resolved = config.resolved_kernel_plan(platform)
+    names = {f.name for f in dataclasses.fields(cls)} - {'latent_shards', *resolved}
     values = {name: getattr(config, name) for name in names}
-    chunk_tokens = config.resolved_kernel_chunk_tokens(platform or jax.default_backend())
-    return cls(**values, latent_shards=latent_shards, chunk_tokens=chunk_tokens)
+    return cls(**values, **resolved, latent_shards=latent_shards)
 
 
 @dataclasses.dataclass(frozen=True)

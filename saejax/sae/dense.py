@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from saejax.sae import base
+from saejax.sae import base, kernels
 
 
-def _pre(params, x_BxD):
-  return (x_BxD - params['b_dec']) @ params['W_enc'].T + params['b_enc']
+def _pre(params, x_BxD, spec):
+  return kernels.mm('bd,fd->bf', x_BxD - params['b_dec'], params['W_enc'], spec.sae_dtype) + params['b_enc']
 
 
 def _l1_scale(x_BxD, spec):
@@ -28,8 +28,8 @@ def _l1_scale(x_BxD, spec):
   return 1.0 / (per_dim_std * spec.d_in)
 
 
-def _reconstruction_loss(params, x_BxD, z_BxF):
-  x_hat_BxD = z_BxF @ params['W_dec'] + params['b_dec']
+def _reconstruction_loss(params, x_BxD, z_BxF, spec):
+  x_hat_BxD = kernels.mm('bf,fd->bd', z_BxF, params['W_dec'], spec.sae_dtype) + params['b_dec']
   return base.fvu(x_hat_BxD, x_BxD)
 
 
@@ -37,14 +37,13 @@ def _reconstruction_loss(params, x_BxD, z_BxF):
 
 
 def relu_encode(params, x_BxD, spec):
-  del spec
-  return jax.nn.relu(_pre(params, x_BxD))
+  return jax.nn.relu(_pre(params, x_BxD, spec))
 
 
 def relu_loss(params, x_BxD, dead_F, spec):
   del dead_F
   z_BxF = relu_encode(params, x_BxD, spec)
-  fvu = _reconstruction_loss(params, x_BxD, z_BxF)
+  fvu = _reconstruction_loss(params, x_BxD, z_BxF, spec)
   l1 = jnp.mean(jnp.sum(z_BxF, axis=-1)) * _l1_scale(x_BxD, spec)
   return fvu + spec.l1_coefficient * l1, {'fvu': fvu, 'l1': l1, **base.dense_stats(z_BxF)}
 
@@ -57,27 +56,26 @@ def gated_init(key, spec):
   return {**params, 'r_mag': jnp.zeros((spec.num_latents,)), 'b_mag': jnp.zeros((spec.num_latents,))}
 
 
-def _gated_parts(params, x_BxD):
-  pi_gate_BxF = _pre(params, x_BxD)
+def _gated_parts(params, x_BxD, spec):
+  pi_gate_BxF = _pre(params, x_BxD, spec)
   pi_mag_BxF = jnp.exp(params['r_mag']) * (pi_gate_BxF - params['b_enc']) + params['b_mag']
   return pi_gate_BxF, jax.nn.relu(pi_mag_BxF)
 
 
 def gated_encode(params, x_BxD, spec):
-  del spec
-  pi_gate_BxF, mag_BxF = _gated_parts(params, x_BxD)
+  pi_gate_BxF, mag_BxF = _gated_parts(params, x_BxD, spec)
   return jnp.where(pi_gate_BxF > 0, mag_BxF, 0.0)
 
 
 def gated_loss(params, x_BxD, dead_F, spec):
   del dead_F
-  pi_gate_BxF, mag_BxF = _gated_parts(params, x_BxD)
+  pi_gate_BxF, mag_BxF = _gated_parts(params, x_BxD, spec)
   z_BxF = jnp.where(pi_gate_BxF > 0, mag_BxF, 0.0)
-  fvu = _reconstruction_loss(params, x_BxD, z_BxF)
+  fvu = _reconstruction_loss(params, x_BxD, z_BxF, spec)
   gate_BxF = jax.nn.relu(pi_gate_BxF)
   l1 = jnp.mean(jnp.sum(gate_BxF, axis=-1)) * _l1_scale(x_BxD, spec)
   frozen_decoder = {'W_dec': lax.stop_gradient(params['W_dec']), 'b_dec': lax.stop_gradient(params['b_dec'])}
-  aux_fvu = _reconstruction_loss(frozen_decoder, x_BxD, gate_BxF)
+  aux_fvu = _reconstruction_loss(frozen_decoder, x_BxD, gate_BxF, spec)
   total = fvu + spec.l1_coefficient * l1 + aux_fvu
   return total, {'fvu': fvu, 'l1': l1, 'gate_aux_fvu': aux_fvu, **base.dense_stats(z_BxF)}
 
@@ -130,19 +128,18 @@ def jumprelu_init(key, spec):
 
 
 def jumprelu_encode(params, x_BxD, spec):
-  del spec
-  pre_BxF = _pre(params, x_BxD)
+  pre_BxF = _pre(params, x_BxD, spec)
   return jnp.where(pre_BxF > params['threshold'], pre_BxF, 0.0)
 
 
 def jumprelu_loss(params, x_BxD, dead_F, spec):
   del dead_F
-  pre_BxF = jax.nn.relu(_pre(params, x_BxD))
+  pre_BxF = jax.nn.relu(_pre(params, x_BxD, spec))
   # The threshold is a plain float32 parameter, never a log-threshold, which freezes under Adam.
   threshold_F = jnp.maximum(params['threshold'], 0.0)
   bandwidth = jnp.asarray(spec.jumprelu_bandwidth, jnp.float32)
   z_BxF = _jump(pre_BxF, threshold_F, bandwidth)
-  fvu = _reconstruction_loss(params, x_BxD, z_BxF)
+  fvu = _reconstruction_loss(params, x_BxD, z_BxF, spec)
   l0 = jnp.mean(jnp.sum(_step(pre_BxF, threshold_F, bandwidth), axis=-1))
   return fvu + spec.l1_coefficient * l0 / spec.d_in, {'fvu': fvu, **base.dense_stats(z_BxF)}
 
@@ -167,15 +164,14 @@ def _batch_top(pre_BxF, k):
 
 def batchtopk_encode(params, x_BxD, spec):
   """Inference uses the running threshold, so a token's code does not depend on its batch."""
-  del spec
-  pre_BxF = _pre(params, x_BxD)
+  pre_BxF = _pre(params, x_BxD, spec)
   return jnp.where(pre_BxF > params['threshold'], pre_BxF, 0.0)
 
 
 def batchtopk_loss(params, x_BxD, dead_F, spec):
   del dead_F
-  z_BxF, min_kept = _batch_top(_pre(params, x_BxD), spec.k)
-  fvu = _reconstruction_loss(params, x_BxD, z_BxF)
+  z_BxF, min_kept = _batch_top(_pre(params, x_BxD, spec), spec.k)
+  fvu = _reconstruction_loss(params, x_BxD, z_BxF, spec)
   return fvu, {'fvu': fvu, 'min_kept': min_kept, **base.dense_stats(z_BxF)}
 
 

@@ -1,19 +1,25 @@
-"""Sparse TopK encode/decode with a hand-written backward that touches only the k selected latents.
+"""TopK encode/decode with a hand-written backward that touches only the k selected latents, and its dense twin.
 
-The dense formulation (`relu(x W_enc^T) -> top-k -> z_BxF @ W_dec`) costs three [B,d]x[d,F] products per
-step under autodiff: the encoder, its weight gradient, and the decoder. Here only the encoder product is
-dense. The decoder gathers the k selected rows per token, and the backward scatters k rows per token into
-the weight gradients. On CPU the gathered [B,k,d] working set, not the FLOPs, is what costs, so the gathers
-and scatters run over small token chunks (`chunk_tokens`) that stay in cache. On accelerators
-(`chunk_tokens=0`, saejax.tuning) they run over the whole batch at once: no sequential loop at all.
+The dense formulation (`relu(x W_enc^T) -> top-k -> z_BxF @ W_dec`) costs five [B,d]x[d,F] products per step
+under autodiff: encoder and decoder forward, then the decoder's input and weight gradients and the encoder's
+weight gradient. `topk_autoencode` keeps only the encoder product dense: the decoder gathers the k selected rows
+per token, and the backward scatters k rows per token into the weight gradients. `topk_autoencode_dense` is the
+five-product form, for hardware whose scatters cost more than matrix products (saejax.tuning picks).
 
-Token chunks are strided (chunk j holds tokens j, j+n, j+2n, ...) so that a batch sharded over the mesh's
-`data` axis stays evenly sharded inside every chunk.
+How the gathers and scatters split the batch is a `Chunking`. On CPU the gathered [B,k,d] working set, not the
+FLOPs, is what costs, so they loop over small token chunks that stay in cache. On accelerators a loop of small
+chunks is thousands of tiny kernel launches, so they run over the whole batch, or a few large blocks whose
+number does not grow with the batch. Token chunks are strided (chunk j holds tokens j, j+n, j+2n, ...) so that
+a batch sharded over the mesh's `data` axis stays evenly sharded inside every chunk.
+
+`compute_dtype='bfloat16'` casts the operands of the products and gathers to bf16 and accumulates in float32;
+the parameters, their gradients, the pre-activations and the top-k stay float32.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,14 +43,40 @@ def global_top_k(pre_BxF: jax.Array, k: int, shards: int = 1) -> tuple[jax.Array
   return vals, jnp.take_along_axis(local_idx.reshape(flat_shape), pos, axis=-1)
 
 
-def _whole_batch(batch: int, chunk_tokens: int) -> bool:
-  return chunk_tokens <= 0 or chunk_tokens >= batch
+class Chunking(NamedTuple):
+  """How the gathers and scatters split the batch (saejax.tuning picks it per platform).
+
+  `tokens` > 0: strided chunks of that many tokens (cache-sized on CPU; the trip count grows with the batch).
+  Else `blocks` > 1: about that many equal blocks, whatever the batch (a fixed, small trip count that bounds the
+  gathered `[B/blocks, k, d]` working set on accelerators). Else the whole batch in one pass, no loop.
+  """
+
+  tokens: int = 0
+  blocks: int = 0
+
+  def chunk_size(self, batch: int) -> int:
+    """Tokens per chunk; `batch` means no loop."""
+    if self.tokens > 0:
+      return _largest_divisor_at_most(batch, self.tokens)
+    if self.blocks > 1:
+      # The fewest blocks >= `blocks` that tile the batch; an awkward batch runs whole rather than in tiny blocks.
+      for count in range(self.blocks, 4 * self.blocks + 1):
+        if batch % count == 0:
+          return batch // count
+    return batch
 
 
-def _to_chunks(a_Bx: jax.Array, chunk_tokens: int) -> jax.Array:
+def _largest_divisor_at_most(batch: int, limit: int) -> int:
+  """Largest divisor of `batch` not above `limit`, so chunks tile the batch exactly."""
+  for size in range(min(limit, batch), 0, -1):
+    if batch % size == 0:
+      return size
+  return 1
+
+
+def _to_chunks(a_Bx: jax.Array, chunk: int) -> jax.Array:
   """[B, ...] -> [num_chunks, chunk, ...] with strided token assignment."""
   batch = a_Bx.shape[0]
-  chunk = _chunk_size(batch, chunk_tokens)
   return jnp.swapaxes(a_Bx.reshape(chunk, batch // chunk, *a_Bx.shape[1:]), 0, 1)
 
 
@@ -53,42 +85,39 @@ def _from_chunks(a_NxC: jax.Array) -> jax.Array:
   return swapped.reshape(-1, *a_NxC.shape[2:])
 
 
-def _chunk_size(batch: int, chunk_tokens: int) -> int:
-  """Largest divisor of `batch` not above `chunk_tokens`, so chunks tile the batch exactly."""
-  for size in range(min(chunk_tokens, batch), 0, -1):
-    if batch % size == 0:
-      return size
-  return 1
+def _map_chunks(fn, arrays: tuple, chunking: Chunking) -> jax.Array:
+  """`fn(*arrays)` over the batch, as one pass or as a sequential map over chunks (same result)."""
+  batch = arrays[0].shape[0]
+  chunk = chunking.chunk_size(batch)
+  if chunk >= batch:
+    return fn(*arrays)
+  return _from_chunks(lax.map(lambda chunked: fn(*chunked), tuple(_to_chunks(a, chunk) for a in arrays)))
 
 
-def sparse_decode(vals_BxK: jax.Array, idx_BxK: jax.Array, W_dec_FxD: jax.Array, chunk_tokens: int) -> jax.Array:
+def mm(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype: str) -> jax.Array:
+  """An einsum whose operands are cast to `compute_dtype` ('float32' or 'bfloat16'), accumulated in float32."""
+  dtype = jnp.dtype(compute_dtype)
+  return jnp.einsum(subscripts, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def sparse_decode(vals_BxK, idx_BxK, W_dec_FxD, chunking: Chunking, compute_dtype: str = 'float32') -> jax.Array:
   """sum_j vals[b, j] * W_dec[idx[b, j]] without materialising all gathered rows at once."""
-
-  def decode_chunk(args):
-    vals_CxK, idx_CxK = args
-    return jnp.einsum('ck,ckd->cd', vals_CxK, W_dec_FxD[idx_CxK])
-
-  if _whole_batch(vals_BxK.shape[0], chunk_tokens):
-    return decode_chunk((vals_BxK, idx_BxK))
-  chunks = (_to_chunks(vals_BxK, chunk_tokens), _to_chunks(idx_BxK, chunk_tokens))
-  return _from_chunks(lax.map(decode_chunk, chunks))
+  W_FxD = W_dec_FxD.astype(compute_dtype)  # cast once, so each chunk gathers rows of the compute dtype
+  return _map_chunks(
+    lambda vals_CxK, idx_CxK: mm('ck,ckd->cd', vals_CxK, W_FxD[idx_CxK], compute_dtype), (vals_BxK, idx_BxK), chunking
+  )
 
 
-def _gathered_dot(e_BxD: jax.Array, idx_BxK: jax.Array, W_FxD: jax.Array, chunk_tokens: int) -> jax.Array:
+def _gathered_dot(e_BxD, idx_BxK, W_FxD, chunking: Chunking, compute_dtype: str) -> jax.Array:
   """out[b, j] = e[b] . W[idx[b, j]], chunked like `sparse_decode`."""
-
-  def chunk_dot(args):
-    e_CxD, idx_CxK = args
-    return jnp.einsum('cd,ckd->ck', e_CxD, W_FxD[idx_CxK])
-
-  if _whole_batch(e_BxD.shape[0], chunk_tokens):
-    return chunk_dot((e_BxD, idx_BxK))
-  chunks = (_to_chunks(e_BxD, chunk_tokens), _to_chunks(idx_BxK, chunk_tokens))
-  return _from_chunks(lax.map(chunk_dot, chunks))
+  W_FxD = W_FxD.astype(compute_dtype)
+  return _map_chunks(
+    lambda e_CxD, idx_CxK: mm('cd,ckd->ck', e_CxD, W_FxD[idx_CxK], compute_dtype), (e_BxD, idx_BxK), chunking
+  )
 
 
-def _scatter_row_grads(idx_BxK, dpre_BxK, xc_BxD, vals_BxK, e_BxD, num_latents: int, chunk_tokens: int):
-  """dW_enc[i] += dpre[b,j] xc[b] and dW_dec[i] += vals[b,j] e[b] for i = idx[b,j], chunk by chunk."""
+def _scatter_row_grads(idx_BxK, dpre_BxK, xc_BxD, vals_BxK, e_BxD, num_latents: int, chunking: Chunking):
+  """dW_enc[i] += dpre[b,j] xc[b] and dW_dec[i] += vals[b,j] e[b] for i = idx[b,j], chunk by chunk (float32)."""
   d_in = xc_BxD.shape[-1]
 
   def add_rows(grads, idx_CxK, dpre_CxK, xc_CxD, vals_CxK, e_CxD):
@@ -98,53 +127,76 @@ def _scatter_row_grads(idx_BxK, dpre_BxK, xc_BxD, vals_BxK, e_BxD, num_latents: 
     dW_dec = dW_dec.at[rows].add((vals_CxK[..., None] * e_CxD[:, None, :]).reshape(-1, d_in))
     return dW_enc, dW_dec
 
-  zeros = jnp.zeros((num_latents, d_in), xc_BxD.dtype)
+  zeros = jnp.zeros((num_latents, d_in), jnp.float32)
   arrays = (idx_BxK, dpre_BxK, xc_BxD, vals_BxK, e_BxD)
-  if _whole_batch(idx_BxK.shape[0], chunk_tokens):
+  batch = idx_BxK.shape[0]
+  chunk = chunking.chunk_size(batch)
+  if chunk >= batch:
     return add_rows((zeros, zeros), *arrays)
-  chunked = [_to_chunks(a, chunk_tokens) for a in arrays]
+  chunked = [_to_chunks(a, chunk) for a in arrays]
 
   def body(n, grads):
     return add_rows(grads, *(a[n] for a in chunked))
 
-  return lax.fori_loop(0, chunked[0].shape[0], body, (zeros, zeros))
+  return lax.fori_loop(0, batch // chunk, body, (zeros, zeros))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def topk_autoencode(x_BxD, b_dec_D, W_enc_FxD, b_enc_F, W_dec_FxD, mask_bias_F, k, shards, chunk_tokens):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def topk_autoencode(
+  x_BxD, b_dec_D, W_enc_FxD, b_enc_F, W_dec_FxD, mask_bias_F, k, shards, chunking, compute_dtype='float32'
+):
   """TopK SAE forward: returns (reconstruction without b_dec [B,d], kept values [B,k], latent ids [B,k]).
 
   `x` is data: it gets a zero cotangent. `mask_bias_F` is added to the pre-activations (0 to allow a
   latent, -inf to exclude it; AuxK uses it to pick among dead latents) and gets a zero cotangent.
+  The encoder product, the decode and the backward's gathered dot take `compute_dtype` operands and accumulate
+  in float32; the pre-activations, the top-k and the row-gradient scatters stay float32.
   """
-  out, _ = _topk_fwd(x_BxD, b_dec_D, W_enc_FxD, b_enc_F, W_dec_FxD, mask_bias_F, k, shards, chunk_tokens)
+  out, _ = _topk_fwd(x_BxD, b_dec_D, W_enc_FxD, b_enc_F, W_dec_FxD, mask_bias_F, k, shards, chunking, compute_dtype)
   return out
 
 
-def _topk_fwd(x_BxD, b_dec_D, W_enc_FxD, b_enc_F, W_dec_FxD, mask_bias_F, k, shards, chunk_tokens):
+def _encode_top_k(x_BxD, b_dec_D, W_enc_FxD, b_enc_F, mask_bias_F, k, shards, compute_dtype):
   xc_BxD = x_BxD - b_dec_D
-  pre_BxF = jnp.einsum('bd,fd->bf', xc_BxD, W_enc_FxD) + (b_enc_F + mask_bias_F)
+  pre_BxF = mm('bd,fd->bf', xc_BxD, W_enc_FxD, compute_dtype) + (b_enc_F + mask_bias_F)
   top_BxK, idx_BxK = global_top_k(pre_BxF, k, shards)
-  vals_BxK = jnp.maximum(top_BxK, 0.0)
-  recon_BxD = sparse_decode(vals_BxK, idx_BxK, W_dec_FxD, chunk_tokens)
+  return xc_BxD, jnp.maximum(top_BxK, 0.0), idx_BxK
+
+
+def _topk_fwd(x_BxD, b_dec_D, W_enc_FxD, b_enc_F, W_dec_FxD, mask_bias_F, k, shards, chunking, compute_dtype):
+  xc_BxD, vals_BxK, idx_BxK = _encode_top_k(x_BxD, b_dec_D, W_enc_FxD, b_enc_F, mask_bias_F, k, shards, compute_dtype)
+  recon_BxD = sparse_decode(vals_BxK, idx_BxK, W_dec_FxD, chunking, compute_dtype)
   residuals = (x_BxD, xc_BxD, vals_BxK, idx_BxK, W_enc_FxD, W_dec_FxD, mask_bias_F)
   return (recon_BxD, vals_BxK, idx_BxK), residuals
 
 
-def _topk_bwd(k, shards, chunk_tokens, residuals, cotangents):
+def _topk_bwd(k, shards, chunking, compute_dtype, residuals, cotangents):
   del k, shards
   x_BxD, xc_BxD, vals_BxK, idx_BxK, W_enc_FxD, W_dec_FxD, mask_bias_F = residuals
   e_BxD, dvals_BxK, _ = cotangents
   num_latents = W_dec_FxD.shape[0]
-  dvals_BxK = dvals_BxK + _gathered_dot(e_BxD, idx_BxK, W_dec_FxD, chunk_tokens)
+  dvals_BxK = dvals_BxK + _gathered_dot(e_BxD, idx_BxK, W_dec_FxD, chunking, compute_dtype)
   dpre_BxK = jnp.where(vals_BxK > 0, dvals_BxK, 0.0)
-  dW_enc, dW_dec = _scatter_row_grads(idx_BxK, dpre_BxK, xc_BxD, vals_BxK, e_BxD, num_latents, chunk_tokens)
+  dW_enc, dW_dec = _scatter_row_grads(idx_BxK, dpre_BxK, xc_BxD, vals_BxK, e_BxD, num_latents, chunking)
   db_enc_F = jax.ops.segment_sum(dpre_BxK.reshape(-1), idx_BxK.reshape(-1), num_segments=num_latents)
   db_dec_D = -(db_enc_F @ W_enc_FxD)
   return (jnp.zeros_like(x_BxD), db_dec_D, dW_enc, db_enc_F, dW_dec, jnp.zeros_like(mask_bias_F))
 
 
 topk_autoencode.defvjp(_topk_fwd, _topk_bwd)
+
+
+def topk_autoencode_dense(x_BxD, b_dec_D, W_enc_FxD, b_enc_F, W_dec_FxD, mask_bias_F, k, shards, compute_dtype):
+  """`topk_autoencode` as dense products, differentiated by autodiff: `z_BxF @ W_dec` and a masked dense backward.
+
+  Five [B,d]x[d,F]-sized products per step instead of one, but no gathers or row scatters: the formulation for
+  hardware whose matrix units are cheap and whose scatters are not (saejax.tuning).
+  """
+  x_BxD, mask_bias_F = lax.stop_gradient(x_BxD), lax.stop_gradient(mask_bias_F)
+  _, vals_BxK, idx_BxK = _encode_top_k(x_BxD, b_dec_D, W_enc_FxD, b_enc_F, mask_bias_F, k, shards, compute_dtype)
+  rows_B1 = jnp.arange(x_BxD.shape[0])[:, None]
+  z_BxF = jnp.zeros((x_BxD.shape[0], W_dec_FxD.shape[0]), jnp.float32).at[rows_B1, idx_BxK].set(vals_BxK)
+  return mm('bf,fd->bd', z_BxF, W_dec_FxD, compute_dtype), vals_BxK, idx_BxK
 
 
 def topk_autoencode_reference(x_BxD, b_dec_D, W_enc_FxD, b_enc_F, W_dec_FxD, mask_bias_F, k):

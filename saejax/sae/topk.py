@@ -16,17 +16,10 @@ from saejax.sae import base, kernels
 def _autoencode(params, x_BxD, k, spec, mask_bias_F=None):
   if mask_bias_F is None:
     mask_bias_F = jnp.zeros_like(params['b_enc'])
-  return kernels.topk_autoencode(
-    x_BxD,
-    params['b_dec'],
-    params['W_enc'],
-    params['b_enc'],
-    params['W_dec'],
-    mask_bias_F,
-    k,
-    spec.latent_shards,
-    spec.chunk_tokens,
-  )
+  args = (x_BxD, params['b_dec'], params['W_enc'], params['b_enc'], params['W_dec'], mask_bias_F, k, spec.latent_shards)
+  if spec.topk_kernel == 'dense':
+    return kernels.topk_autoencode_dense(*args, spec.sae_dtype)
+  return kernels.topk_autoencode(*args, spec.chunking, spec.sae_dtype)
 
 
 def loss(params: base.Params, x_BxD: jax.Array, dead_F: jax.Array, spec: base.SaeSpec):
@@ -72,7 +65,7 @@ def _auxk_loss(params, x_BxD, x_hat_BxD, dead_F, spec):
 
 
 def encode(params: base.Params, x_BxD: jax.Array, spec: base.SaeSpec) -> jax.Array:
-  pre_BxF = (x_BxD - params['b_dec']) @ params['W_enc'].T + params['b_enc']
+  pre_BxF = kernels.mm('bd,fd->bf', x_BxD - params['b_dec'], params['W_enc'], spec.sae_dtype) + params['b_enc']
   top_BxK, idx_BxK = kernels.global_top_k(pre_BxF, spec.k, spec.latent_shards)
   rows_B1 = jnp.arange(pre_BxF.shape[0])[:, None]
   return jnp.zeros_like(pre_BxF).at[rows_B1, idx_BxK].set(jnp.maximum(top_BxK, 0.0))
