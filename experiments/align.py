@@ -17,8 +17,8 @@ import zipfile
 import numpy as np
 from absl import app, flags, logging
 
-from experiments.cli import fail
-from saejax import storage
+from experiments.cli import fail, parse_flags
+from saejax import console, storage
 from saejax.train import run_folder
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run folder; aligns all seeds of one hookpoint.')
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> None:
       if len(set(names)) != len(names):
         fail(f'SAE folder names must differ (they name the pairs): {names}')
       sae_dirs, out = dict(zip(names, folders)), _OUT.value
-    alignment_run.run_alignment(
+    summary = alignment_run.run_alignment(
       sae_dirs,
       out,
       threshold=_THRESHOLD.value,
@@ -83,10 +83,14 @@ def main(argv: list[str]) -> None:
       true_features=true_features,
       seed_stats=seed_stats,
     )
+    if _WORKDIR.value:
+      from saejax.train import tracking
+
+      tracking.log_alignment(_WORKDIR.value, out, summary)
   except (ValueError, OSError) as error:
     fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
-  logging.info('done: %s', out)
+  console.say(f'alignment: {out}/ (report.md, summary.json, universality.csv, figures)')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -114,6 +114,7 @@ def bench_cache(config, machine: dict, repeats: int) -> list[dict]:
   from saejax import sharding as shd
   from saejax.data import cache_writer
   from saejax.data.cache_source import CacheActivationSource
+  from saejax.train import trainer as trainer_lib
   from saejax.train.trainer import Trainer
 
   records = []
@@ -158,8 +159,8 @@ def bench_cache(config, machine: dict, repeats: int) -> list[dict]:
       }
     )
     trainer = Trainer(train, workdir='', mesh=mesh)
-    state = trainer.fresh_state()
-    step = trainer.compiled_step(state)
+    step = trainer_lib.stepper(trainer)
+    state = step.fresh()
     state, _ = step(state, trainer.next_inputs())  # compile
     jax.block_until_ready(state)
     steps = min(_TRAIN_STEPS.value, batches - 1)

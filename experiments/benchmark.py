@@ -27,8 +27,10 @@ import numpy as np
 from absl import app, flags
 
 from experiments import bench_smollm2 as bench_smollm2_lib
+from experiments.cli import parse_flags
 from saejax import sharding as shd
 from saejax.config import TrainConfig
+from saejax.train import trainer as trainer_lib
 from saejax.train.trainer import Trainer
 
 _D_IN = flags.DEFINE_integer('d_in', 768, 'Activation width d.')
@@ -117,8 +119,8 @@ def train_step_seconds(num_seeds: int, repeats: int) -> tuple[float, float]:
     num_features=2 * _D_IN.value,
   )
   trainer = Trainer(config, workdir='', mesh=shd.make_mesh(-1, 1))
-  state = trainer.fresh_state()
-  step = trainer.compiled_step(state)
+  step = trainer_lib.stepper(trainer)
+  state = step.fresh()
   x_BxD = dict(zip(trainer.keys, trainer.source.batches_at(0)))
   state, _ = step(state, x_BxD)  # compile
   jax.block_until_ready(state)
@@ -292,8 +294,8 @@ def bench_lm() -> None:
       source = trainer.source
       jax.block_until_ready(source.batch_at(0))
       forward_s = min(_time(functools.partial(source.batch_at, 1), _REPEATS.value))
-      state = trainer.fresh_state()
-      step = trainer.compiled_step(state)
+      step = trainer_lib.stepper(trainer)
+      state = step.fresh()
       state, _ = step(state, dict(zip(trainer.keys, source.batches_at(0))))
       jax.block_until_ready(state)
       full_times = []
@@ -375,4 +377,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

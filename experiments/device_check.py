@@ -31,12 +31,13 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmark import cpu_model, planted_pair
+from saejax import sharding as shd
 from saejax import tuning
 from saejax.config import TrainConfig
 from saejax.models import shapes
 from saejax.models.config import RopeSpec
 from saejax.sae import kernels
-from saejax.train import export
+from saejax.train import export, seed_groups
 
 PAPER_RUN_TOKENS = 8_000_000_000
 
@@ -138,23 +139,25 @@ def sae_config(sizes: Sizes, num_seeds: int, sae_dtype: str, topk_kernel: str = 
   )
 
 
-def compiled_step(config: TrainConfig, platform: str):
-  """(compiled donated step, fresh state, XLA temp bytes)."""
-  step_fn, init_fn, x_struct = export.train_step_parts(config, platform)
-  state = jax.jit(init_fn)()
-  compiled = jax.jit(step_fn, donate_argnums=0).lower(state, x_struct).compile()
-  analysis = compiled.memory_analysis()
-  return compiled, state, getattr(analysis, 'temp_size_in_bytes', None)
+def grouped_step(config: TrainConfig, platform: str):
+  """(step over all seeds, its fresh grouped state, XLA temp bytes of one group call), as the trainer runs it."""
+  del platform  # the mesh's platform decides the plan
+  mesh = shd.make_mesh(1, 1, jax.devices()[:1])
+  step = seed_groups.from_config(config, mesh)
+  groups = step.split(step.create_state(config.init_seeds))
+  x_struct = jax.ShapeDtypeStruct((config.batch_size, config.d_in), jnp.float32)
+  analysis = step.compiled(groups[0]).lower(groups[0], x_struct).compile().memory_analysis()
+  return step, groups, getattr(analysis, 'temp_size_in_bytes', None)
 
 
 def sae_step(sizes: Sizes, num_seeds: int, sae_dtype: str, topk_kernel: str, platform: str) -> dict:
   config = sae_config(sizes, num_seeds, sae_dtype, topk_kernel)
-  compiled, state, temp_bytes = compiled_step(config, platform)
+  step, groups, temp_bytes = grouped_step(config, platform)
   x_BxD = jax.random.normal(jax.random.PRNGKey(0), (config.batch_size, sizes.d_in), jnp.float32)
-  holder = {'state': state}
+  holder = {'state': groups}
 
   def one_step():
-    holder['state'], metrics = compiled(holder['state'], x_BxD)
+    holder['state'], metrics = step(holder['state'], x_BxD)
     return holder['state'], metrics
 
   step_s = best_seconds(one_step, sizes.repeats)
@@ -259,13 +262,13 @@ def full_step(sizes: Sizes, platform: str) -> dict:
   params = shapes.random_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
   forward = jax.jit(export.lm_forward_fn(cfg, platform, 'bfloat16', sizes.pythia_layer))
   config = dataclasses.replace(sae_config(sizes, 9, 'auto'), d_in=cfg.d_model)
-  compiled, state, _ = compiled_step(config, platform)
+  step, groups, _ = grouped_step(config, platform)
   tokens_BxT = jax.random.randint(jax.random.PRNGKey(2), (sizes.rows, sizes.seq), 0, cfg.vocab_size, jnp.int32)
-  holder = {'state': state}
+  holder = {'state': groups}
 
   def one_batch():
     acts_BxD = forward(params, tokens_BxT).reshape(-1, cfg.d_model).astype(jnp.float32)
-    holder['state'], metrics = compiled(holder['state'], acts_BxD)
+    holder['state'], metrics = step(holder['state'], acts_BxD)
     return holder['state'], metrics
 
   batch_s = best_seconds(one_batch, sizes.repeats)

@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments.ablations import SWEEPS  # noqa: E402
+from experiments.cli import parse_flags
 from saejax import storage  # noqa: E402
 from saejax.analysis.figures import save_png_atomic  # noqa: E402
 from saejax.analysis.pairs import SUMMARY_KEYS  # noqa: E402
@@ -138,4 +139,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

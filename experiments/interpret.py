@@ -18,10 +18,10 @@ import sys
 import urllib.parse
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from experiments.cli import fail
-from saejax import storage
+from experiments.cli import fail, parse_flags
+from saejax import console, storage
 from saejax.train import run_folder
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'An aligned LM training run folder.')
@@ -164,11 +164,11 @@ def interpret(run: str) -> None:
         seed,
         chunk=max(8, 4 * _MAX_CONCURRENCY.value),
       )
-      logging.info('%s: %s', seed, counts)
+      console.say(f'seed {seed}: {counts}')
       failed += counts['failed']
   tables = {seed: analysis.score_table(pipeline.read_scores(pipeline.scores_path(run, seed))) for seed in seeds}
   report = analysis.write_report(run, seeds, tables, storage.join(run, 'interpret'))
-  logging.info('report: %s (%s)', storage.join(run, 'interpret', 'report.md'), report['by_count'])
+  console.say(f'report: {storage.join(run, "interpret", "report.md")} ({report["by_count"]})')
   if failed:
     print(f'error: {failed} latents failed on server errors and were not scored; rerun to retry them', file=sys.stderr)
     sys.exit(1)
@@ -207,4 +207,4 @@ def _contexts(run, config, hookpoint, seeds, loaded, chosen, settings) -> dict:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

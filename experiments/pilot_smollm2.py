@@ -15,7 +15,7 @@ import time
 
 from absl import app, flags
 
-from experiments.cli import fail
+from experiments.cli import fail, parse_flags
 
 _CACHE = flags.DEFINE_string('cache', None, 'An activation cache of layers.6.mlp (experiments.cache).')
 SETTINGS = ((2048, 8e-4), (512, 8e-4), (512, 2e-3), (1024, 2e-3), (512, 4e-3))  # (batch tokens, lr)
@@ -61,4 +61,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

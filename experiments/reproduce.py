@@ -12,9 +12,9 @@ Exit codes: 0 done, 1 a run failed, 2 bad input (one line on stderr), 3 stopped 
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from experiments.cli import fail
+from experiments.cli import fail, parse_flags
 
 _SUITE = flags.DEFINE_enum('suite', 'synthetic', ['synthetic', 'smollm2'], 'Which suite to run.')
 _OUT = flags.DEFINE_string('out', None, 'Output folder (report.md, claims.json; the smollm2 runs and cache).')
@@ -27,8 +27,6 @@ _EVAL_DATASET = flags.DEFINE_string('eval_dataset', None, 'smollm2: held-out tex
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:  # library INFO logs (Orbax, JAX) only with --verbosity=0
-    logging.set_verbosity(logging.WARNING)
   if _SUITE.value == 'synthetic':
     from experiments import suite_synthetic
 
@@ -45,4 +43,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -28,7 +28,7 @@ import sys
 from absl import app, flags
 
 from experiments.ablations import SWEEPS, Run, sweep_runs
-from experiments.cli import fail
+from experiments.cli import fail, parse_flags
 from saejax import storage
 
 LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'launch')
@@ -97,4 +97,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

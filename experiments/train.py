@@ -64,7 +64,15 @@ def main(argv: list[str]) -> None:
   except trainer.NonFiniteError as error:
     fail(str(error), EXIT_FAILED)
   if result.status == 'completed':
-    logging.info('done: %d steps; SAEs exported under %s/saes/', result.step, _WORKDIR.value)
+    from saejax import console
+    from saejax.train import run_folder
+
+    console.say(console.table(*run_folder.seed_table(result.summary)))
+    workdir = _WORKDIR.value
+    console.say(
+      f'done: {result.step:,} steps. SAEs in {workdir}/saes/ (EleutherAI) and {workdir}/saelens/ as '
+      f'<hookpoint>/seed<N>/; summary.json, metrics.jsonl'
+    )
 
 
 if __name__ == '__main__':

@@ -18,6 +18,7 @@ B_DEC_INITS = ('mean', 'geometric_median')
 LM_DTYPES = ('auto', 'bfloat16', 'float32')
 SAE_DTYPES = ('auto', 'float32', 'bfloat16')
 TOPK_KERNELS = ('auto', 'sparse', 'dense')
+TRACKERS = ('none', 'tensorboard', 'wandb')
 
 
 @dataclasses.dataclass
@@ -77,6 +78,9 @@ class TrainConfig:
   cache_epochs: int = 1  # source='cache': passes over the cache training may make (reshuffled each pass)
 
   # --- bookkeeping ---
+  # Experiment tracker beside metrics.jsonl: 'none', 'tensorboard' (saejax[tensorboard]) or 'wandb' (saejax[wandb]).
+  tracker: str = 'none'
+  tracker_project: str = ''  # wandb project ('' -> 'saejax')
   dead_tokens: int = 10_000_000
   log_every: int = 50
   checkpoint_every: int = 1000
@@ -94,9 +98,9 @@ class TrainConfig:
   topk_kernel: str = 'auto'  # 'sparse' (gathers + row scatters) or 'dense' (masked dense products)
   # SAE matmul operands: 'float32' or 'bfloat16' (float32 accumulation, master weights, Adam and renormalisation).
   sae_dtype: str = 'auto'
-  # 0 vmaps all seeds in one step; g > 0 loops over groups of g vmapped seeds (less memory; same SAEs);
-  # -1 picks per platform: 1 on CPU, where a seed's rows stay in cache; on accelerators the largest group whose
-  # pre-activations fit saejax.tuning's budget.
+  # Seeds train in groups of g (one call of the same compiled step each; the last group padded), so a seed's SAE
+  # does not depend on the seed count. -1 picks per platform (saejax.tuning): 1 on CPU, 3 (or 1 for very wide
+  # SAEs) on accelerators. 0 puts all seeds in one group: fewer calls, but then the program depends on S.
   seed_group_size: int = -1
 
   def validate(self) -> None:
@@ -119,8 +123,9 @@ class TrainConfig:
       (self.kernel_chunk_tokens >= -1, 'kernel_chunk_tokens must be -1 (per platform), 0 (no chunks) or positive'),
       (self.kernel_blocks >= -1, 'kernel_blocks must be -1 (per platform), 0 (whole batch) or positive'),
       (self.topk_kernel in TOPK_KERNELS, f'topk_kernel={self.topk_kernel!r}; use one of {", ".join(TOPK_KERNELS)}'),
+      (self.tracker in TRACKERS, f'tracker={self.tracker!r}; use one of {", ".join(TRACKERS)}'),
       (self.sae_dtype in SAE_DTYPES, f'sae_dtype={self.sae_dtype!r}; use one of {", ".join(SAE_DTYPES)}'),
-      (self.seed_group_size >= -1, 'seed_group_size must be -1 (per platform), 0 (all seeds at once) or positive'),
+      (self.seed_group_size >= -1, 'seed_group_size must be -1 (per platform), 0 (one group of all seeds) or positive'),
       (len(self.hookpoints) >= 1, 'hookpoint is empty; name one, e.g. layers.6.mlp'),
       (len(set(self.hookpoints)) == len(self.hookpoints), f'hookpoint={self.hookpoint!r} repeats a name'),
       (self.source in LM_SOURCES or len(self.hookpoints) == 1, 'several hookpoints need the lm or cache source'),
@@ -151,7 +156,7 @@ class TrainConfig:
   def resolved_seed_group_size(self, platform: str) -> int:
     if self.seed_group_size >= 0:
       return self.seed_group_size
-    return tuning.seed_group_size(platform, len(self.init_seeds), self.batch_size, self.num_latents)
+    return tuning.seed_group_size(platform, self.batch_size, self.num_latents)
 
   def resolved_lm_dtype(self, platform: str | None = None) -> str:
     """'float32' or 'bfloat16': `lm_dtype`, with 'auto' resolved for `platform` (the default backend if None)."""

@@ -23,10 +23,12 @@ devices the work runs on, so an export for another platform can ask for that pla
     TPU; `experiments/device_check.py` measures both on a GPU.
   - SAE matmul dtype: float32 on CPU (XLA:CPU has no faster bf16 path); bfloat16 operands with float32
     accumulation on accelerators, the paper's autocast (tests/test_sae_dtype.py checks it trains as well).
-- Seed groups for `seed_group_size=-1`: on CPU one seed at a time, so a seed's rows stay in cache (vmapping
-  nine was 3.4x slower); on accelerators as many seeds per vmapped group as keep the fp32 [g, B, F]
-  pre-activations under `ACCELERATOR_PRE_ACTIVATION_BYTES` (all nine at small widths, one at a time at the paper's
-  65,568 x 32,768, whose pre-activations alone are 8.6 GB per seed). Each group is still a few large kernels.
+- Seed groups for `seed_group_size=-1`. Seeds train in groups of a fixed size, each group one call of the same
+  compiled step (saejax.train.seed_groups), so a seed's SAE is bitwise the same whatever trains beside it. On CPU
+  groups of one, so a seed's rows stay in cache (vmapping nine was 3.4x slower). On accelerators groups of
+  `ACCELERATOR_SEED_GROUP` vmapped seeds (the last padded), or of one when their fp32 [g, B, F] pre-activations
+  would pass `ACCELERATOR_PRE_ACTIVATION_BYTES` (at the paper's 65,568 x 32,768 they are 8.6 GB per seed). The size
+  depends on the SAE's shapes, never on the number of seeds; 3 divides the paper's nine.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def lm_dtype(platform: str) -> str:
 CPU_KERNEL_CHUNK_TOKENS = 32
 ACCELERATOR_KERNEL_BLOCKS = 8
 ACCELERATOR_PRE_ACTIVATION_BYTES = 16 * 2**30
+ACCELERATOR_SEED_GROUP = 3
 
 
 def kernel_chunk_tokens(platform: str) -> int:
@@ -94,14 +97,12 @@ def sae_dtype(platform: str) -> str:
   return 'float32' if platform == 'cpu' else 'bfloat16'
 
 
-def seed_group_size(platform: str, num_seeds: int = 1, batch_size: int = 1, num_latents: int = 1) -> int:
-  """Seeds per vmapped group (0: all at once)."""
+def seed_group_size(platform: str, batch_size: int = 1, num_latents: int = 1) -> int:
+  """Seeds per group; a function of the platform and the SAE's shapes only (never of the seed count)."""
   if platform == 'cpu':
     return 1
-  seed_bytes = batch_size * num_latents * 4
-  divisors = [g for g in range(1, num_seeds + 1) if num_seeds % g == 0]
-  group = max((g for g in divisors if g * seed_bytes <= ACCELERATOR_PRE_ACTIVATION_BYTES), default=1)
-  return 0 if group == num_seeds else group
+  fits = ACCELERATOR_SEED_GROUP * batch_size * num_latents * 4 <= ACCELERATOR_PRE_ACTIVATION_BYTES
+  return ACCELERATOR_SEED_GROUP if fits else 1
 
 
 def platform_of(mesh_or_array) -> str:

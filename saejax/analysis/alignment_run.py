@@ -7,7 +7,6 @@ folder, and on disk never destroys an earlier complete one.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -143,5 +142,4 @@ def run_alignment(
     summary['figures'] = {name: os.path.basename(path) for name, path in made.items()}
     storage.write_json(os.path.join(staging, 'summary.json'), summary)
     report.write_report(staging, summary, summary['figures'])
-  logging.info('alignment written to %s', out_dir)
   return summary

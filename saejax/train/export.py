@@ -33,19 +33,20 @@ _CUDNN_CALLS = ('__cudnn$fmhaSoftmax', '__cudnn$fmhaSoftmaxBackward')
 
 
 def train_step_parts(config: TrainConfig, platform: str):
-  """`(step_fn, init_fn, x_struct)` for `config` on `platform` ('cpu', 'gpu', 'tpu'): the single-device step
-  `(state, x_BxD) -> (state, metrics)` of all of `config.init_seeds`, the function making its fresh state, and
-  the batch's shape."""
+  """`(group_step, init_fn, x_struct)` for `config` on `platform` ('cpu', 'gpu', 'tpu'): the pure step
+  `(state, x_BxD) -> (state, metrics)` of one seed group (what each call runs; saejax.train.seed_groups), the
+  function making a fresh group state, and the batch's shape."""
   arch = sae_lib.get(config.arch)
   spec = sae_lib.SaeSpec.from_config(config, platform=platform)
   tx, _ = optimizer.make_optimizer(config)
-  step_fn = step_lib.make_train_step(arch, spec, tx, config.dead_tokens, config.resolved_seed_group_size(platform))
-  init_fn = functools.partial(step_lib.init_state, arch, spec, tx, config.init_seeds)
-  return step_fn, init_fn, jax.ShapeDtypeStruct((config.batch_size, config.d_in), jnp.float32)
+  group_step = step_lib.make_group_step(arch, spec, tx, config.dead_tokens)
+  group_size = config.resolved_seed_group_size(platform) or len(config.init_seeds)
+  init_fn = functools.partial(step_lib.init_state, arch, spec, tx, tuple(range(group_size)))
+  return group_step, init_fn, jax.ShapeDtypeStruct((config.batch_size, config.d_in), jnp.float32)
 
 
 def export_train_step(config: TrainConfig, platform: str) -> jax.export.Exported:
-  """`config`'s train step exported for `platform` ('cuda', 'tpu', 'cpu')."""
+  """`config`'s group step exported for `platform` ('cuda', 'tpu', 'cpu')."""
   step_fn, init_fn, x_struct = train_step_parts(config, TUNING_PLATFORM[platform])
   return jax.export.export(jax.jit(step_fn), platforms=[platform])(jax.eval_shape(init_fn), x_struct)
 

@@ -26,7 +26,16 @@ METRICS = 'metrics.jsonl'
 SUMMARY = 'summary.json'
 # Fields that may change between a run and its resumption: they do not change the trained SAEs.
 RESUMABLE_FIELDS = frozenset(
-  {'log_every', 'checkpoint_every', 'keep_checkpoints', 'mesh_data', 'mesh_model', 'seed_group_size'}
+  {
+    'log_every',
+    'checkpoint_every',
+    'keep_checkpoints',
+    'mesh_data',
+    'mesh_model',
+    'seed_group_size',
+    'tracker',
+    'tracker_project',
+  }
 )
 
 
@@ -106,6 +115,22 @@ def per_seed_metrics(section: dict[str, Any]) -> list[dict[str, float]]:
   lists = {name: final[name] for name in SEED_METRICS if isinstance(final.get(name), list)}
   num_seeds = max((len(values) for values in lists.values()), default=0)
   return [{name: float(values[i]) for name, values in lists.items()} for i in range(num_seeds)]
+
+
+def seed_table(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+  """(header, rows) of a finished run's per-seed results: one row per hookpoint and seed, with the held-out LM
+  numbers or the last training step's, and the recovered fraction of a synthetic run."""
+  sections = summary.get('hookpoints') or {None: summary}
+  names = [name for name in SEED_METRICS if any(name in row for s in sections.values() for row in per_seed_metrics(s))]
+  recovery = any('recovery' in section for section in sections.values())
+  header = [*(['hookpoint'] if len(sections) > 1 else []), 'seed', *names, *(['recovered'] if recovery else [])]
+  rows = []
+  for hookpoint, section in sections.items():
+    recovered = [r.get('recovered_fraction') for r in (section.get('recovery') or {}).get('seeds', [])]
+    for i, (seed, metrics) in enumerate(zip(summary.get('seeds', []), per_seed_metrics(section))):
+      row = [*([hookpoint] if len(sections) > 1 else []), seed, *(metrics.get(name) for name in names)]
+      rows.append(row + ([recovered[i] if i < len(recovered) else None] if recovery else []))
+  return header, rows
 
 
 def seed_stats(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:

@@ -7,7 +7,6 @@ metrics are read one step late, so the loop never waits on the device except to 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import signal
 import time
 from typing import Any
@@ -17,14 +16,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from saejax import data, formats, storage
+from saejax import console, data, formats, storage
 from saejax import sae as sae_lib
 from saejax import sharding as shd
 from saejax.config import TrainConfig
-from saejax.train import checkpoint, optimizer, run_folder
+from saejax.train import checkpoint, optimizer, run_folder, seed_groups, tracking
 from saejax.train import step as step_lib
 
 PER_SEED_METRICS = ('loss', 'fvu', 'l0', 'dead_fraction', 'grad_norm')
+# Seed means on each checkpoint line: (label, metric, format).
+_SHOWN = (('fvu', 'fvu', '.4f'), ('l0', 'l0', '.1f'), ('dead', 'dead_fraction', '.3f'))
 
 
 class NonFiniteError(RuntimeError):
@@ -70,7 +71,7 @@ class _Stop:
 
 def _check_finite(metrics: dict[str, np.ndarray], step: int, seeds: tuple[int, ...], hookpoint: str | None) -> None:
   where = f' at {hookpoint}' if hookpoint else ''
-  if not bool(metrics['input_finite']):
+  if not bool(np.all(metrics['input_finite'])):
     raise NonFiniteError(f'non-finite activations{where} in the batch of step {step}; the last good checkpoint is kept')
   bad = [seed for seed, loss in zip(seeds, metrics['loss']) if not np.isfinite(loss)]
   if bad:
@@ -95,6 +96,10 @@ class Trainer:
     self.spec = sae_lib.SaeSpec.from_config(config, latent_shards=self.mesh.shape[shd.MODEL], platform=platform)
     self.tx, self.schedule = optimizer.make_optimizer(config)
     self.metrics_log = run_folder.MetricsLog(workdir)
+    self.tracker = tracking.Tracker()
+    # Records for the tracker: those the last saved checkpoint covers, and those after it (tracking.py says why).
+    self._durable: list[dict] = []
+    self._unsaved: list[dict] = []
 
   @property
   def hookpoints(self) -> list[str]:
@@ -112,15 +117,11 @@ class Trainer:
       states[key] = step_lib.set_b_dec(state, sae_lib.data_b_dec(first_batch, self.config.b_dec_init))
     return states
 
-  def compiled_step(self, states: dict[str, step_lib.TrainState]):
-    step_fn = step_lib.make_train_step(
-      self.arch,
-      self.spec,
-      self.tx,
-      self.config.dead_tokens,
-      self.config.resolved_seed_group_size(self.mesh.devices.flat[0].platform),
-    )
-    return step_lib.jit_train_step(step_fn, states, self.mesh, self.config.num_latents)
+  def compiled_step(self) -> seed_groups.SeedGroupStep:
+    """The step of one hookpoint's seeds (shared by all hookpoints: they have the same shapes)."""
+    group_size = self.config.resolved_seed_group_size(self.mesh.devices.flat[0].platform)
+    seeds = len(self.config.init_seeds)
+    return seed_groups.make(self.arch, self.spec, self.tx, self.config.dead_tokens, seeds, group_size, self.mesh)
 
   def next_inputs(self) -> dict[str, jax.Array]:
     return dict(zip(self.keys, self.source.next_batches()))
@@ -134,33 +135,55 @@ class Trainer:
     self.source.load_state_dict(data_state)
     if jax.process_index() == 0:
       self.metrics_log.truncate_after(latest)
-    logging.info('resumed from step %d (%s)', latest, ckpt.directory)
+      self.tracker.send(self.metrics_log.read())  # what the last checkpoint covers and the tracker has not had
+    console.say(f'resumed at step {latest:,} of {self.config.num_steps:,} ({ckpt.directory})')
     return states
+
+  def describe(self) -> str:
+    """The run in one line: what trains, on what, for how long, and where it goes."""
+    config, devices = self.config, self.mesh.devices
+    hookpoints = ', '.join(self.hookpoints)
+    return (
+      f'{config.arch} x {len(config.init_seeds)} seeds ({console.seed_range(config.init_seeds)}), '
+      f'{config.num_latents:,} latents, k={config.k} on {hookpoints}: {config.num_tokens:,} tokens in '
+      f'{config.num_steps:,} steps of {config.batch_size:,}, {devices.size} {devices.flat[0].platform} '
+      f'device{"s" if devices.size > 1 else ""} -> {self.workdir}'
+    )
 
   def run(self) -> RunResult:
     config = self.config
     run_folder.prepare(self.workdir, config, write=jax.process_index() == 0)
     self.source.save_artifacts(self.workdir)
+    console.say(f'train {self.describe()}')
     # The handler covers restore and compilation too: a SIGTERM there is honoured after the next step.
     with _Stop() as stop:
       ckpt = checkpoint.Checkpointer(self.workdir, keep=config.keep_checkpoints)
+      self.tracker = tracking.open_tracker(config, self.workdir)
       try:
         state = self._initial_state(ckpt)
-        train_step = self.compiled_step(state)
-        state, step, preempted = self._loop(state, int(state[self.keys[0]]['step']), train_step, ckpt, stop)
+        train_step = self.compiled_step()
+        start = int(state[self.keys[0]]['step'])
+        groups, step, preempted = self._loop(split(train_step, state), start, train_step, ckpt, stop)
+        state = merge(train_step, groups)
       finally:
         ckpt.close()
+        self.tracker.send(self._durable)  # the last checkpoint is on disk now
       if preempted:
-        logging.info('stopped by SIGTERM at step %d; checkpoint saved, rerun the same command to resume', step)
+        self.tracker.close()
+        console.say(f'stopped by SIGTERM at step {step:,}; checkpoint saved, rerun the same command to resume')
         return RunResult('preempted', step, {})
-      return RunResult('completed', step, self._finish(state))
+      summary = self._finish(state)
+      self.tracker.summary(summary)
+      self.tracker.close()
+      return RunResult('completed', step, summary)
 
-  def _loop(self, state, start, train_step, ckpt, stop):
+  def _loop(self, groups, start, train_step, ckpt, stop):
     config = self.config
     seeds = tuple(config.init_seeds)
     num_steps = config.num_steps
     started = time.time()
     pending = None  # (step, device metrics) of the last dispatched step, read one step late
+    latest = {}  # the last logged step's means over seeds, for the checkpoint lines
     bar = tqdm(
       total=num_steps,
       initial=start,
@@ -179,14 +202,15 @@ class Trainer:
       host = jax.device_get(device_metrics)
       for key, hookpoint in zip(self.keys, self.hookpoints):
         _check_finite(host[key], done_step, seeds, hookpoint if len(self.keys) > 1 else None)
+        latest[hookpoint] = '  '.join(f'{label} {np.mean(host[key][name]):{fmt}}' for label, name, fmt in _SHOWN)
       bar.update(1)
       if done_step % config.log_every == 0 or done_step == num_steps:
         for key, hookpoint in zip(self.keys, self.hookpoints):
-          self._log(done_step, hookpoint, host[key], time.time() - started, bar)
+          self._log(done_step, hookpoint, host[key], time.time() - started, bar, start)
 
     step = start
     while step < num_steps:
-      state, device_metrics = train_step(state, self.next_inputs())
+      groups, device_metrics = step_all(train_step, groups, self.next_inputs())
       step += 1
       drain()
       pending = (step, device_metrics)
@@ -194,16 +218,21 @@ class Trainer:
       preempted = stop.requested or ckpt.reached_preemption(step)
       if should_save or preempted:
         drain()
-        ckpt.save(step, state, self.source.state_dict())
+        ckpt.save(step, merge(train_step, groups), self.source.state_dict())
+        # Saving waited for the previous checkpoint, so the records it covers are safe to send.
+        self.tracker.send(self._durable)
+        self._durable, self._unsaved = self._unsaved, []
+        console.say(f'checkpoint {step:,}/{num_steps:,}' + ''.join(f'  {hp}: {m}' for hp, m in latest.items()))
         if preempted:
           ckpt.wait()
           bar.close()
-          return state, step, True
+          return groups, step, True
     drain()
     bar.close()
-    return state, step, False
+    return groups, step, False
 
-  def _log(self, step: int, hookpoint: str, host: dict[str, np.ndarray], elapsed: float, bar) -> None:
+  def _log(self, step: int, hookpoint: str, host: dict[str, np.ndarray], elapsed: float, bar, start: int) -> None:
+    """Appends the step's per-seed metrics to metrics.jsonl and shows their means on the bar."""
     record = {
       'step': step,
       'hookpoint': hookpoint,
@@ -215,18 +244,10 @@ class Trainer:
     }
     if jax.process_index() == 0:
       self.metrics_log.append(record)
+      self._unsaved.append(record)
     fvu, l0, dead = (float(np.mean(host[n])) for n in ('fvu', 'l0', 'dead_fraction'))
-    bar.set_postfix(fvu=f'{fvu:.4f}', l0=f'{l0:.1f}', dead=f'{dead:.3f}')
-    logging.info(
-      'step %d/%d  %s  fvu %.4f  l0 %.1f  dead %.3f  lr %.2e',
-      step,
-      self.config.num_steps,
-      hookpoint,
-      fvu,
-      l0,
-      dead,
-      record['lr'],
-    )
+    tokens_per_s = (step - start) * self.config.batch_size / max(elapsed, 1e-9)
+    bar.set_postfix(fvu=f'{fvu:.4f}', l0=f'{l0:.1f}', dead=f'{dead:.3f}', tok_s=f'{tokens_per_s:,.0f}')
 
   def _finish(self, states) -> dict[str, Any]:
     """Exports every seed of every hookpoint in both layouts and writes summary.json."""
@@ -265,6 +286,41 @@ class Trainer:
       )
 
 
+def split(train_step: seed_groups.SeedGroupStep, states: dict) -> dict:
+  return {key: train_step.split(state) for key, state in states.items()}
+
+
+def merge(train_step: seed_groups.SeedGroupStep, groups: dict) -> dict:
+  return {key: train_step.merge(state_groups) for key, state_groups in groups.items()}
+
+
+def step_all(train_step: seed_groups.SeedGroupStep, groups: dict, inputs: dict) -> tuple[dict, dict]:
+  """One step of every hookpoint's seeds: (groups, metrics), keyed by hookpoint key."""
+  outs = {key: train_step(groups[key], inputs[key]) for key in groups}
+  return {key: out[0] for key, out in outs.items()}, {key: out[1] for key, out in outs.items()}
+
+
+@dataclasses.dataclass
+class Stepper:
+  """`stepper(trainer)(groups, inputs) -> (groups, metrics)`: the trainer's step for benchmarks and notebooks."""
+
+  trainer: Trainer
+  train_step: seed_groups.SeedGroupStep
+
+  def fresh(self) -> dict:
+    return split(self.train_step, self.trainer.fresh_state())
+
+  def __call__(self, groups: dict, inputs: dict) -> tuple[dict, dict]:
+    return step_all(self.train_step, groups, inputs)
+
+  def stacked(self, groups: dict) -> dict:
+    return merge(self.train_step, groups)
+
+
+def stepper(trainer: Trainer) -> Stepper:
+  return Stepper(trainer, trainer.compiled_step())
+
+
 def host_params(params: dict[str, jax.Array]) -> dict[str, np.ndarray]:
   """Full numpy copies of seed-stacked params on every process; with several processes the latent shards of
   other hosts are all-gathered first (a collective: every process must call this)."""
@@ -282,12 +338,13 @@ def train_in_memory(
 ) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
   """Trains without touching disk (for notebooks and tests): returns host params [S, ...] and per-step metrics."""
   trainer = Trainer(config, workdir='', mesh=mesh)
-  states = trainer.fresh_state()
-  train_step = trainer.compiled_step(states)
+  step = stepper(trainer)
+  groups = step.fresh()
   history = []
   for _ in range(config.num_steps if num_steps is None else num_steps):
-    states, metrics = train_step(states, trainer.next_inputs())
+    groups, metrics = step(groups, trainer.next_inputs())
     history.append(jax.device_get(metrics))
+  states = step.stacked(groups)
   params = {hp: jax.device_get(states[key]['params']) for key, hp in zip(trainer.keys, trainer.hookpoints)}
   per_hookpoint_history = {hp: [h[key] for h in history] for key, hp in zip(trainer.keys, trainer.hookpoints)}
   if len(trainer.keys) == 1:
