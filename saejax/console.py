@@ -2,11 +2,13 @@
 
 Library INFO logs (Orbax's checkpoint threads, JAX's backend probing) stay behind absl's `--verbosity` flag
 (experiments/cli.py); the lines here are the run's own: what is running, each checkpoint, the per-seed result and
-where the files are. They go to stdout through `tqdm.write`, so a live bar on stderr is not broken.
+where the files are. They go to stderr, like the bar and the logs, through `tqdm.write`, so a live bar is not
+broken and stdout stays free for what a command prints to be read by another (JSON lines, commands).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +19,7 @@ from tqdm.auto import tqdm
 def say(message: str) -> None:
   """One console line, from process 0 only."""
   if jax.process_index() == 0:
-    tqdm.write(message)
+    tqdm.write(message, file=sys.stderr)
 
 
 def seed_range(seeds: Sequence[int]) -> str:

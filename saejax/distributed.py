@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import glob
 import importlib.util
-import logging
 import os
+import sys
 
 import jax
 
@@ -101,12 +101,11 @@ def initialize(
   if getattr(jax.config, 'jax_cpu_collectives_implementation', 'gloo') in (None, 'none'):
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address, num_processes, process_id, coordinator_bind_address=bind_address)
-  logging.info(
-    'jax.distributed: process %d of %d (%s), %d local / %d global devices',
-    jax.process_index(),
-    jax.process_count(),
-    cluster or coordinator_address,
-    jax.local_device_count(),
-    jax.device_count(),
+  # Every process says it joined (one line each): the line to look for when a pod hangs at start-up.
+  print(
+    f'jax.distributed: process {jax.process_index()} of {jax.process_count()} ({cluster or coordinator_address}), '
+    f'{jax.local_device_count()} local / {jax.device_count()} global devices',
+    file=sys.stderr,
+    flush=True,
   )
   return True

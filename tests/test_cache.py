@@ -226,7 +226,7 @@ def test_each_host_reads_its_rows_and_the_stack_is_the_single_host_batch(caches)
       )
 
 
-def test_training_from_the_cache_resumes_exactly_and_evaluates_on_held_out_text(lm, caches, tmp_path, caplog):
+def test_training_from_the_cache_resumes_exactly_and_evaluates_on_held_out_text(lm, caches, tmp_path, capsys):
   model_dir, corpus, _, _ = lm
   config = cache_config(
     model_dir,
@@ -249,9 +249,9 @@ def test_training_from_the_cache_resumes_exactly_and_evaluates_on_held_out_text(
   shutil.rmtree(resumed / 'checkpoints' / '6')
   shutil.rmtree(resumed / 'saes')
   (resumed / 'summary.json').unlink()
-  with caplog.at_level('INFO'):
-    assert trainer.train(dataclasses.replace(config), str(resumed)).status == 'completed'
-  assert 'resumed from step 3' in caplog.text
+  capsys.readouterr()
+  assert trainer.train(dataclasses.replace(config), str(resumed)).status == 'completed'
+  assert 'resumed from step 3' in capsys.readouterr().err
   for seed in (0, 1):
     a = load_file(full / 'saes' / 'layers.1' / f'seed{seed}' / 'sae.safetensors')
     b = load_file(resumed / 'saes' / 'layers.1' / f'seed{seed}' / 'sae.safetensors')

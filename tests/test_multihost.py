@@ -258,7 +258,7 @@ def test_two_processes_match_one_process(tmp_path, processes):
   # Process 1 ran the same program but logged nothing of its own.
   assert 'jax.distributed: process 1 of 2' in processes.log('host1')
   assert 'done: 10 steps' in processes.log('host0') and 'done:' not in processes.log('host1')
-  assert 'step 10/10' in processes.log('host0') and 'step 10/10' not in processes.log('host1')
+  assert 'checkpoint 10/10' in processes.log('host0') and 'checkpoint 10/10' not in processes.log('host1')
 
 
 def start_pair(processes: Processes, args: list[str], workdir, run: str) -> list[subprocess.Popen]:

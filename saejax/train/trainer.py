@@ -136,7 +136,7 @@ class Trainer:
     if jax.process_index() == 0:
       self.metrics_log.truncate_after(latest)
       self.tracker.send(self.metrics_log.read())  # what the last checkpoint covers and the tracker has not had
-    console.say(f'resumed at step {latest:,} of {self.config.num_steps:,} ({ckpt.directory})')
+    console.say(f'resumed from step {latest} of {self.config.num_steps:,} ({ckpt.directory})')
     return states
 
   def describe(self) -> str:
@@ -170,7 +170,7 @@ class Trainer:
         self.tracker.send(self._durable)  # the last checkpoint is on disk now
       if preempted:
         self.tracker.close()
-        console.say(f'stopped by SIGTERM at step {step:,}; checkpoint saved, rerun the same command to resume')
+        console.say(f'stopped by SIGTERM at step {step}; checkpoint saved, rerun the same command to resume')
         return RunResult('preempted', step, {})
       summary = self._finish(state)
       self.tracker.summary(summary)
