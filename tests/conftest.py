@@ -8,6 +8,11 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 os.environ['HF_HUB_OFFLINE'] = '1'
 os.environ.setdefault('HF_HOME', tempfile.mkdtemp(prefix='saejax-hf-'))
+# One XLA compilation cache per test session, shared with the CLI subprocesses (they inherit the environment):
+# the many tiny runs compile the same programs, and a hit skips XLA. Fresh per session, so nothing goes stale.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='saejax-xla-cache-'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import jax  # noqa: E402
 
