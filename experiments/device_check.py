@@ -139,9 +139,9 @@ def sae_config(sizes: Sizes, num_seeds: int, sae_dtype: str, topk_kernel: str = 
   )
 
 
-def grouped_step(config: TrainConfig, platform: str):
-  """(step over all seeds, its fresh grouped state, XLA temp bytes of one group call), as the trainer runs it."""
-  del platform  # the mesh's platform decides the plan
+def grouped_step(config: TrainConfig):
+  """(step over all seeds, its fresh grouped state, XLA temp bytes of one group call), as the trainer runs it on
+  the first device (whose platform decides the kernel plan)."""
   mesh = shd.make_mesh(1, 1, jax.devices()[:1])
   step = seed_groups.from_config(config, mesh)
   groups = step.split(step.create_state(config.init_seeds))
@@ -152,7 +152,7 @@ def grouped_step(config: TrainConfig, platform: str):
 
 def sae_step(sizes: Sizes, num_seeds: int, sae_dtype: str, topk_kernel: str, platform: str) -> dict:
   config = sae_config(sizes, num_seeds, sae_dtype, topk_kernel)
-  step, groups, temp_bytes = grouped_step(config, platform)
+  step, groups, temp_bytes = grouped_step(config)
   x_BxD = jax.random.normal(jax.random.PRNGKey(0), (config.batch_size, sizes.d_in), jnp.float32)
   holder = {'state': groups}
 
@@ -262,7 +262,7 @@ def full_step(sizes: Sizes, platform: str) -> dict:
   params = shapes.random_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
   forward = jax.jit(export.lm_forward_fn(cfg, platform, 'bfloat16', sizes.pythia_layer))
   config = dataclasses.replace(sae_config(sizes, 9, 'auto'), d_in=cfg.d_model)
-  step, groups, _ = grouped_step(config, platform)
+  step, groups, _ = grouped_step(config)
   tokens_BxT = jax.random.randint(jax.random.PRNGKey(2), (sizes.rows, sizes.seq), 0, cfg.vocab_size, jnp.int32)
   holder = {'state': groups}
 

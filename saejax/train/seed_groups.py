@@ -47,7 +47,7 @@ class SeedGroupStep:
 
   def __post_init__(self):
     self.num_groups = -(-self.num_seeds // self.group_size)
-    self._jitted = None
+    self._jitted = self._merge = None  # compiled on first use, then reused (merge runs at every checkpoint)
 
   def _indices(self, group: int) -> jax.Array:
     start = group * self.group_size
@@ -60,16 +60,17 @@ class SeedGroupStep:
 
   def merge(self, groups: Groups) -> step_lib.TrainState:
     """The groups as the seed-stacked state (padding dropped)."""
-    shardings = shd.state_shardings(self.mesh, self._stacked_shape(groups[0]), self.num_latents)
-    merge = jax.jit(lambda gs: self._concat(gs), out_shardings=shardings)
-    return merge(groups)
+    if self._merge is None:
+      shardings = shd.state_shardings(self.mesh, self._stacked_shape(groups[0]), self.num_latents)
+      self._merge = jax.jit(self._concat, out_shardings=shardings)
+    return self._merge(groups)
 
   def _concat(self, groups):
-    stacked = {key: value for key, value in groups[0].items() if key == 'step'}
-    rest = {key: [g[key] for g in groups] for key in groups[0] if key != 'step'}
-    for key, parts in rest.items():
-      stacked[key] = jax.tree.map(lambda *leaves: jnp.concatenate(leaves)[: self.num_seeds], *parts)
-    return stacked
+    def concat(*leaves):
+      return jnp.concatenate(leaves)[: self.num_seeds]
+
+    first = groups[0]
+    return {key: first[key] if key == 'step' else jax.tree.map(concat, *[g[key] for g in groups]) for key in first}
 
   def _stacked_shape(self, group):
     def grow(leaf):
