@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +32,8 @@ class Run:
       *fields,
     ]
 
-  def align_command(self, root: str, sweep: str) -> list[str]:
-    return [sys.executable, '-m', 'experiments.align', f'--workdir={self.workdir(root, sweep)}']
+  def align_command(self, root: str, sweep: str, extra: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, '-m', 'experiments.align', f'--workdir={self.workdir(root, sweep)}', *extra]
 
 
 def _runs(preset: str, field: str, values, name: str = '{}', **fixed) -> list[Run]:

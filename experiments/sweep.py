@@ -6,7 +6,8 @@
   python -m experiments.sweep --sweep=fig5_layers --set=model=/data/pythia-160m --set=dataset=/data/pile.bin
 
 Each run is a preset plus overrides; `--set FIELD=VALUE` adds overrides to every run (local weights, fewer
-tokens for a smoke test). Runs that already finished are skipped, and an interrupted run resumes, so rerunning
+tokens for a smoke test), and `--align FLAG` adds an option to every align command (`--align=--firing_tokens=0`
+skips Fig. 3's firing counts). Runs that already finished are skipped, and an interrupted run resumes, so rerunning
 the same sweep command continues where it stopped.
 
 `--mode=pod` trains each run on the TPU slice of `launch/env` (or `LAUNCH_ENV`) through `launch/babysit.sh`,
@@ -42,6 +43,9 @@ _MODE = flags.DEFINE_enum(
 )
 _ROOT = flags.DEFINE_string('root', 'runs', 'Folder (or gs:// prefix) holding one workdir per run.')
 _SET = flags.DEFINE_multi_string('set', [], 'FIELD=VALUE override applied to every run.')
+_ALIGN = flags.DEFINE_multi_string(
+  'align', [], "An option for every run's experiments.align, e.g. --align=--firing_tokens=100000 (repeatable)."
+)
 _BABYSIT = flags.DEFINE_multi_string(
   'babysit', [], 'pod mode: an option for launch/babysit.sh, e.g. --babysit=--max-restarts=20 (repeatable).'
 )
@@ -80,7 +84,7 @@ def main(argv: list[str]) -> None:
     train = (
       pod_train_command(run, root, sweep, _SET.value) if mode == 'pod' else run.train_command(root, sweep, _SET.value)
     )
-    commands = [train, run.align_command(root, sweep)]
+    commands = [train, run.align_command(root, sweep, _ALIGN.value)]
     if mode == 'print':
       for command in commands:
         print(shlex.join(['python', *command[1:]]))

@@ -41,9 +41,88 @@ def smollm2_gguf():
   return _smollm2_gguf()
 
 
+# The longest files (seconds of their tests, `--durations`), started first so that no worker begins one of them
+# while the others are running out of work. With `--no-loadscope-reorder`, xdist hands out files in this order.
+LONGEST_FIRST = (
+  'test_synthetic_preset.py',
+  'test_reproduce_smollm2.py',
+  'test_sweep.py',
+  'test_training.py',
+  'test_multihost.py',
+  'test_storage.py',
+  'test_align_cli.py',
+  'test_lm_end_to_end.py',
+)
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+  items.sort(key=rank)  # stable: the rest keep their order
+
+
+def session_dir(tmp_path_factory, worker_id: str):
+  """A folder of this test session that every xdist worker shares (each worker's own temp root is below it)."""
+  if worker_id == 'master':  # no workers (-n0)
+    return tmp_path_factory.getbasetemp()
+  return tmp_path_factory.getbasetemp().parent
+
+
 @pytest.fixture(scope='session')
-def english_corpus(tmp_path_factory):
+def english_corpus(tmp_path_factory, worker_id):
   """The pip-only English corpus (experiments.corpus), built once per test session from the per-machine cache."""
   from saejax.data import corpus
 
-  return corpus.build(tmp_path_factory.mktemp('corpus') / 'english', log=lambda line: None)
+  def build(folder):
+    corpus.build(folder / 'english', log=lambda line: None)
+
+  return _once(session_dir(tmp_path_factory, worker_id), 'english_corpus', build) / 'english'
+
+
+def _once(shared, name: str, build):
+  """`build(folder)` once per test session, whichever worker asks first; later callers get the finished folder.
+
+  A marker file says the build finished, so a build that failed is rerun (and fails again, visibly) by the
+  next caller instead of being read half-made.
+  """
+  import shutil
+
+  from filelock import FileLock
+
+  folder, done = shared / name, shared / f'{name}.done'
+  with FileLock(shared / f'{name}.lock'):
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      build(folder)
+      done.touch()
+  return folder
+
+
+@pytest.fixture(scope='session')
+def tiny_lm(tmp_path_factory, worker_id):
+  """tests/tiny_lm.py's (model folder, corpus), made once per session. Read-only: copy before changing it."""
+  from tests.tiny_lm import make_tiny_lm
+
+  folder = _once(session_dir(tmp_path_factory, worker_id), 'tiny_lm', make_tiny_lm)
+  return folder / 'tiny-neox', folder / 'corpus.jsonl'
+
+
+@pytest.fixture(scope='session')
+def tiny_lm_run(tmp_path_factory, worker_id, tiny_lm):
+  """The standard tiny LM run (`tiny_lm.tiny_train_args`), trained and aligned once per session by the CLI.
+
+  Tests only read it; one that writes into a run folder copies it first.
+  """
+  from tests.tiny_lm import CONTEXT, ROWS, run_cli, tiny_train_args
+
+  def build(folder):
+    workdir = folder / 'run'
+    result = run_cli('experiments.train', *tiny_train_args(*tiny_lm, workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli('experiments.align', f'--workdir={workdir}', f'--firing_tokens={CONTEXT * ROWS * 4}')
+    assert result.returncode == 0, result.stderr[-3000:]
+
+  return _once(session_dir(tmp_path_factory, worker_id), 'tiny_lm_run', build) / 'run'

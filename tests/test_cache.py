@@ -22,8 +22,8 @@ from saejax.data import cache_writer
 from saejax.data.cache_source import CacheActivationSource
 from saejax.data.text import TextTokenStream
 from saejax.train import trainer
-from tests.test_lm_end_to_end import run
-from tests.tiny_lm import CONTEXT, ROWS, make_tiny_lm
+from tests.tiny_lm import CONTEXT, ROWS
+from tests.tiny_lm import run_cli as run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = CONTEXT * ROWS
@@ -56,8 +56,8 @@ def cache_config(model, corpus, folder, **overrides):
 
 
 @pytest.fixture(scope='module')
-def lm(tmp_path_factory):
-  model_dir, corpus = make_tiny_lm(tmp_path_factory.mktemp('lm'))
+def lm(tiny_lm):
+  model_dir, corpus = tiny_lm
   mesh = shd.make_mesh()
   return model_dir, corpus, models.load_pretrained(str(model_dir), dtype=jnp.float32, mesh=mesh), mesh
 

@@ -46,7 +46,7 @@ def test_verbosity_brings_the_library_logs_back(tmp_path):
 
 def test_align_prints_where_its_output_is(trained):
   workdir, _ = trained
-  lines = run('align', f'--workdir={workdir}')
+  lines = run('align', f'--workdir={workdir}', '--firing_tokens=12800')
   assert not [line for line in lines if INFO_LINE.match(line)], lines
   assert len(lines) <= 5, '\n'.join(lines)
   assert lines[-1].startswith(f'alignment: {workdir}/alignment/')

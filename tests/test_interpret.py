@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -12,17 +13,10 @@ import pytest
 
 from saejax.interpret import prompts
 from tests.fake_chat_server import RequestLog, deterministic_answer, deterministic_llm, ok, serve
-from tests.tiny_lm import CONTEXT, ROWS, make_tiny_lm, tiny_train_args
+from tests.tiny_lm import CLI_ENV, CONTEXT, ROWS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {
-  **os.environ,
-  'JAX_PLATFORMS': 'cpu',
-  'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-  'HF_HUB_OFFLINE': '1',
-  'HF_DATASETS_OFFLINE': '1',
-}
-ENV.pop('OPENAI_API_KEY', None)
+ENV = {name: value for name, value in CLI_ENV.items() if name != 'OPENAI_API_KEY'}
 
 
 def test_mark_window_wraps_runs_of_active_tokens_on_one_line():
@@ -98,16 +92,11 @@ def run_module(module, *args, timeout=600):
 
 
 @pytest.fixture(scope='module')
-def aligned_run(tmp_path_factory):
-  """A tiny LM run (three seeds) trained and aligned exactly as tests/test_lm_end_to_end.py does."""
-  root = tmp_path_factory.mktemp('interpret')
-  model, corpus = make_tiny_lm(root)
-  workdir = root / 'run'
-  batch = CONTEXT * ROWS
-  result = run_module('experiments.train', *tiny_train_args(model, corpus, workdir))
-  assert result.returncode == 0, result.stderr[-3000:]
-  result = run_module('experiments.align', f'--workdir={workdir}', f'--firing_tokens={batch * 4}')
-  assert result.returncode == 0, result.stderr[-3000:]
+def aligned_run(tiny_lm_run, tmp_path_factory):
+  """The session's tiny LM run (three seeds, trained and aligned as tests/test_lm_end_to_end.py checks), copied
+  here because interpret writes into the run folder."""
+  workdir = tmp_path_factory.mktemp('interpret') / 'run'
+  shutil.copytree(tiny_lm_run, workdir)
   return workdir
 
 
@@ -193,8 +182,6 @@ def test_interpret_end_to_end_rerun_and_interruption(aligned_run, tmp_path):
 @pytest.mark.slow
 def test_killed_run_keeps_written_scores(aligned_run, tmp_path):
   """A run killed mid-way keeps every line already written, and the rerun completes the rest."""
-  import shutil
-
   workdir = tmp_path / 'run'
   shutil.copytree(aligned_run, workdir, ignore=shutil.ignore_patterns('interpret'))
 

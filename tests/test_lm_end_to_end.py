@@ -2,45 +2,20 @@
 locally trained tokenizer and a jsonl corpus, through `experiments.train` and then `experiments.align`."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.tiny_lm import CONTEXT, ROWS, make_tiny_lm, tiny_train_args
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope='module')
-def lm_folder(tmp_path_factory):
-  return make_tiny_lm(tmp_path_factory.mktemp('lm'))
-
-
-def run(module, *args):
-  env = {
-    **os.environ,
-    'JAX_PLATFORMS': 'cpu',
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-    'HF_HUB_OFFLINE': '1',
-    'HF_DATASETS_OFFLINE': '1',
-  }
-  return subprocess.run(
-    [sys.executable, '-m', module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-  )
+from tests.tiny_lm import CONTEXT, ROWS, run_cli
 
 
 @pytest.mark.slow
-def test_pythia_preset_scaled_down_trains_and_aligns(lm_folder, tmp_path):
-  model, corpus = lm_folder
-  workdir = tmp_path / 'run'
+def test_pythia_preset_scaled_down_trains_and_aligns(tiny_lm_run):
+  # tiny_lm_run is `experiments.train` with tiny_train_args, then `experiments.align --firing_tokens=4 batches`.
+  workdir = tiny_lm_run
   batch = CONTEXT * ROWS
-  result = run('experiments.train', *tiny_train_args(model, corpus, workdir))
-  assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((workdir / 'summary.json').read_text())
   evaluation = summary['lm_eval']
   assert evaluation['tokens'] == batch * 2 and len(evaluation['seeds']) == 3
@@ -52,8 +27,6 @@ def test_pythia_preset_scaled_down_trains_and_aligns(lm_folder, tmp_path):
     cfg = json.loads((workdir / 'saes' / 'layers.1.mlp' / f'seed{seed}' / 'cfg.json').read_text())
     assert cfg['d_in'] == 32 and cfg['num_latents'] == 64
 
-  result = run('experiments.align', f'--workdir={workdir}', f'--firing_tokens={batch * 4}')
-  assert result.returncode == 0, result.stderr[-3000:]
   aligned = json.loads((workdir / 'alignment' / 'summary.json').read_text())
   assert len(aligned['pairs']) == 3 and all(p['certified_optimal'] for p in aligned['pairs'])
   with np.load(workdir / 'firing_counts.npz') as firing:
@@ -61,9 +34,9 @@ def test_pythia_preset_scaled_down_trains_and_aligns(lm_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_over_a_text_stream_is_bitwise(lm_folder, tmp_path):
+def test_resume_over_a_text_stream_is_bitwise(tiny_lm, tmp_path):
   """Resuming mid-run over a (non random-access) text stream gives bitwise the same SAEs."""
-  model, corpus = lm_folder
+  model, corpus = tiny_lm
   batch = CONTEXT * ROWS
   common = [
     '--config=pythia160m',
@@ -82,12 +55,12 @@ def test_resume_over_a_text_stream_is_bitwise(lm_folder, tmp_path):
     '--config.checkpoint_every=4',
   ]
   full, resumed = tmp_path / 'full', tmp_path / 'resumed'
-  assert run('experiments.train', f'--workdir={full}', *common).returncode == 0
+  assert run_cli('experiments.train', f'--workdir={full}', *common).returncode == 0
   # A run killed after its step-8 checkpoint looks like this folder without its last checkpoint and exports.
-  assert run('experiments.train', f'--workdir={resumed}', *common).returncode == 0
+  shutil.copytree(full, resumed)
   shutil.rmtree(resumed / 'checkpoints' / '12')
   shutil.rmtree(resumed / 'saes')
-  result = run('experiments.train', f'--workdir={resumed}', *common)
+  result = run_cli('experiments.train', f'--workdir={resumed}', *common)
   assert result.returncode == 0, result.stderr[-3000:]
   for seed in (0, 1):
     a = load_file(full / 'saes' / 'layers.0' / f'seed{seed}' / 'sae.safetensors')
@@ -96,8 +69,8 @@ def test_resume_over_a_text_stream_is_bitwise(lm_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_hookpoints_share_one_forward_and_match_single_runs(lm_folder, tmp_path):
-  model, corpus = lm_folder
+def test_two_hookpoints_share_one_forward_and_match_single_runs(tiny_lm, tmp_path):
+  model, corpus = tiny_lm
   batch = CONTEXT * ROWS
   common = [
     '--config=pythia160m',
@@ -116,9 +89,9 @@ def test_two_hookpoints_share_one_forward_and_match_single_runs(lm_folder, tmp_p
     '--config.warmup_steps=2',
   ]
   both, single = tmp_path / 'both', tmp_path / 'single'
-  result = run('experiments.train', f'--workdir={both}', *common, '--config.hookpoint=layers.0.mlp,layers.1')
+  result = run_cli('experiments.train', f'--workdir={both}', *common, '--config.hookpoint=layers.0.mlp,layers.1')
   assert result.returncode == 0, result.stderr[-3000:]
-  result = run('experiments.train', f'--workdir={single}', *common, '--config.hookpoint=layers.1')
+  result = run_cli('experiments.train', f'--workdir={single}', *common, '--config.hookpoint=layers.1')
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((both / 'summary.json').read_text())
   assert set(summary['hookpoints']) == {'layers.0.mlp', 'layers.1'}
@@ -131,9 +104,9 @@ def test_two_hookpoints_share_one_forward_and_match_single_runs(lm_folder, tmp_p
     for name in a:
       np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)
     assert (both / 'saes' / 'layers.0.mlp' / f'seed{seed}' / 'sae.safetensors').exists()
-  result = run('experiments.align', f'--workdir={both}', '--hookpoint=layers.0.mlp', f'--firing_tokens={batch * 2}')
+  result = run_cli('experiments.align', f'--workdir={both}', '--hookpoint=layers.0.mlp', f'--firing_tokens={batch * 2}')
   assert result.returncode == 0, result.stderr[-3000:]
   assert (both / 'firing_counts.layers.0.mlp.npz').exists()
   assert json.loads((both / 'alignment' / 'summary.json').read_text())['pairs'][0]['a'] == 'seed0'
-  result = run('experiments.align', f'--workdir={both}', '--firing_tokens=0')
+  result = run_cli('experiments.align', f'--workdir={both}', '--firing_tokens=0')
   assert result.returncode == 2 and 'choose one with --hookpoint' in result.stderr

@@ -8,16 +8,10 @@ import sys
 import pytest
 
 from experiments.ablations import SWEEPS
-from tests.tiny_lm import make_tiny_lm
+from tests.tiny_lm import CLI_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {
-  **os.environ,
-  'JAX_PLATFORMS': 'cpu',
-  'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-  'HF_HUB_OFFLINE': '1',
-  'HF_DATASETS_OFFLINE': '1',
-}
+ENV = CLI_ENV
 
 
 def run(module, *args):
@@ -37,14 +31,16 @@ def test_every_sweep_prints_a_train_and_an_align_command_per_run():
     assert all(line.startswith('python -m experiments.align --workdir=gs://bucket/runs/') for line in lines[1::2])
     if name in expected_values:
       assert all(f'--config.{expected_values[name]}=' in line for line in lines[::2])
+  aligned = run('experiments.sweep', '--sweep=fig4_k', '--align=--firing_tokens=0').stdout.splitlines()[1::2]
+  assert aligned and all(line.endswith(' --firing_tokens=0') for line in aligned)
   layers = run('experiments.sweep', '--sweep=fig5_layers').stdout
   assert all(f'--config.hookpoint=layers.{i}.mlp' in layers for i in range(12))
   assert run('experiments.sweep', '--sweep=nope').returncode == 2
 
 
 @pytest.mark.slow
-def test_architecture_sweep_runs_locally_and_plots(tmp_path):
-  model, corpus = make_tiny_lm(tmp_path)
+def test_architecture_sweep_runs_locally_and_plots(tmp_path, tiny_lm):
+  model, corpus = tiny_lm
   sets = [
     f'model={model}',
     f'dataset={corpus}',
@@ -62,7 +58,12 @@ def test_architecture_sweep_runs_locally_and_plots(tmp_path):
   ]
   root = tmp_path / 'runs'
   result = run(
-    'experiments.sweep', '--sweep=fig5_arch', '--mode=local', f'--root={root}', *[f'--set={item}' for item in sets]
+    'experiments.sweep',
+    '--sweep=fig5_arch',
+    '--mode=local',
+    f'--root={root}',
+    *[f'--set={item}' for item in sets],
+    '--align=--firing_tokens=1360',  # Fig. 3's firing counts from 10 batches, not the default million tokens
   )
   assert result.returncode == 0, result.stderr[-3000:]
   for arch in ('topk', 'gated', 'relu'):
@@ -121,6 +122,7 @@ def test_pod_sweep_babysits_each_run_in_turn_and_skips_finished_ones(tmp_path):
     f'--launch_dir={launch_dir}',
     '--babysit=--max-restarts=3',
     *[f'--set={item}' for item in SYNTHETIC_SETS],
+    '--align=--firing_tokens=2560',
   ]
 
   def sweep(**extra_env):

@@ -12,6 +12,7 @@ import pytest
 from saejax.train import tracking
 from tests import tracker_files
 from tests.test_resume import (
+  BATCH,
   FLAGS,
   PER_SEED_KEYS,
   ROOT,
@@ -34,7 +35,7 @@ def train(workdir, *extra, env=None):
 
 
 def align(workdir, env=None):
-  command = [sys.executable, '-m', 'experiments.align', f'--workdir={workdir}']
+  command = [sys.executable, '-m', 'experiments.align', f'--workdir={workdir}', f'--firing_tokens={BATCH * 20}']
   result = subprocess.run(command, cwd=ROOT, env=env or cli_env(), capture_output=True, text=True, timeout=TIMEOUT)
   assert result.returncode == 0, result.stderr[-3000:]
 

@@ -2,6 +2,9 @@
 tokenizer and a jsonl corpus, built in a second without torch or the Hub."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -83,3 +86,20 @@ def tiny_train_args(model, corpus, workdir) -> list[str]:
     '--config.log_every=10',
     '--config.checkpoint_every=20',
   ]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI_ENV = {
+  **os.environ,
+  'JAX_PLATFORMS': 'cpu',
+  'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+  'HF_HUB_OFFLINE': '1',
+  'HF_DATASETS_OFFLINE': '1',
+}
+
+
+def run_cli(module, *args, timeout=600) -> subprocess.CompletedProcess:
+  """`python -m module args` on one CPU device, offline, from the repository root."""
+  return subprocess.run(
+    [sys.executable, '-m', module, *args], cwd=ROOT, env=CLI_ENV, capture_output=True, text=True, timeout=timeout
+  )

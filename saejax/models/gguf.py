@@ -82,12 +82,31 @@ def find(path_or_id, marker: str = 'config.json', required: bool = True) -> Path
   raise ValueError(f'{local} holds {len(found)} .gguf files ({names}); pass one with --config.model=/path/to/file.gguf')
 
 
+# Parsing the metadata is slow (SmolLM2's vocabulary and merges are ~440K fields, 2.5 s), and one run reads the
+# same file for its config, tokenizer and weights: readers are kept per (file, size, mtime), the last few only.
+_READERS: dict[tuple, gguf.GGUFReader] = {}
+_MAX_READERS = 2
+
+
 def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
-  """A `GGUFReader` over `path`, after checking it is a GGUF file whose every tensor lies inside the file."""
+  """A `GGUFReader` over `path`, after checking it is a GGUF file whose every tensor lies inside the file.
+
+  The reader memory-maps the file read-only, so one reader is shared by every caller in the process.
+  """
   path = Path(path)
   if gguf is None:
     raise ImportError(f'reading {path} needs the gguf package (llama.cpp\'s reader): pip install "gguf>=0.17"')
-  size = path.stat().st_size
+  stat = path.stat()
+  key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+  if key not in _READERS:
+    reader = _checked_reader(path, stat.st_size)
+    while len(_READERS) >= _MAX_READERS:
+      _READERS.pop(next(iter(_READERS)))
+    _READERS[key] = reader
+  return _READERS[key]
+
+
+def _checked_reader(path: Path, size: int) -> gguf.GGUFReader:
   with open(path, 'rb') as f:
     magic = f.read(4)
   if magic != _MAGIC:
