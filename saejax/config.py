@@ -11,7 +11,7 @@ from typing import Any
 
 from saejax import tuning
 
-ARCHITECTURES = ('topk', 'batchtopk', 'relu', 'gated', 'jumprelu')
+ARCHITECTURES = ('topk', 'batchtopk', 'matryoshka', 'relu', 'gated', 'jumprelu')
 SOURCES = ('synthetic', 'lm', 'cache')
 LM_SOURCES = ('lm', 'cache')  # token sequences of a language model: whole sequences, several hookpoints
 B_DEC_INITS = ('mean', 'geometric_median')
@@ -38,6 +38,9 @@ class TrainConfig:
   auxk: bool = False
   auxk_coefficient: float = 1.0 / 32.0
   multi_topk: bool = False
+  # Matryoshka BatchTopK (arch='matryoshka'): the nested prefix widths, strictly increasing and ending at
+  # num_latents, each of which must reconstruct the input on its own; () means num_latents / 16, / 4 and all.
+  matryoshka_widths: tuple[int, ...] = ()
   # 'mean' (code from late 2024 on) or 'geometric_median' (mid-2024 code that trained the paper's seed 1).
   b_dec_init: str = 'mean'
 
@@ -113,6 +116,11 @@ class TrainConfig:
       (len(set(self.init_seeds)) == len(self.init_seeds), f'init_seeds={self.init_seeds} has repeats'),
       (self.num_latents > 0 and self.d_in > 0, 'num_latents and d_in must be positive'),
       (0 < self.k <= self.num_latents, f'k={self.k} must be in [1, num_latents={self.num_latents}]'),
+      (
+        self._matryoshka_widths_ok(),
+        f'matryoshka_widths={self.matryoshka_widths} must rise strictly from above 0 '
+        f'to num_latents={self.num_latents}, e.g. {self.num_latents // 4},{self.num_latents}',
+      ),
       (self.batch_size > 0, 'batch_size (tokens per step) must be positive'),
       (self.num_tokens >= self.batch_size, f'num_tokens={self.num_tokens} is less than one batch ({self.batch_size})'),
       (self.checkpoint_every > 0 and self.log_every > 0, 'checkpoint_every and log_every must be positive'),
@@ -139,6 +147,13 @@ class TrainConfig:
     for ok, message in checks:
       if not ok:
         raise ValueError(message)
+
+  def _matryoshka_widths_ok(self) -> bool:
+    widths = tuple(self.matryoshka_widths)
+    if not widths:
+      return True
+    rising = all(a < b for a, b in zip(widths, widths[1:]))
+    return rising and widths[0] > 0 and widths[-1] == self.num_latents
 
   def resolved_kernel_plan(self, platform: str) -> dict[str, Any]:
     """The SaeSpec kernel fields for `platform` ('cpu', 'gpu', 'tpu'), with -1 / 'auto' resolved."""
@@ -194,6 +209,7 @@ class TrainConfig:
     if unknown:
       raise ValueError(f'config has unknown fields {unknown}; was it written by a newer saejax?')
     data = dict(data)
-    if 'init_seeds' in data:
-      data['init_seeds'] = tuple(data['init_seeds'])
+    for name in ('init_seeds', 'matryoshka_widths'):
+      if name in data:
+        data[name] = tuple(data[name])
     return cls(**data)

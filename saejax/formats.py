@@ -26,13 +26,18 @@ from safetensors.numpy import save_file
 
 from saejax import storage
 
-ARCHS = ('topk', 'batchtopk', 'relu', 'gated', 'jumprelu')
+ARCHS = ('topk', 'batchtopk', 'matryoshka', 'relu', 'gated', 'jumprelu')
+# One scalar inference threshold (a JumpReLU SAE with the same threshold for every latent, to SAELens).
+_BATCH_THRESHOLD = ('batchtopk', 'matryoshka')
 ELEUTHER_WEIGHTS = 'sae.safetensors'
 SAELENS_WEIGHTS = 'sae_weights.safetensors'
 CFG = 'cfg.json'
 
 _FROM_SAELENS_ARCH = {'topk': 'topk', 'standard': 'relu', 'gated': 'gated', 'jumprelu': 'jumprelu'}
-_TO_SAELENS_ARCH = {**{ours: theirs for theirs, ours in _FROM_SAELENS_ARCH.items()}, 'batchtopk': 'jumprelu'}
+_TO_SAELENS_ARCH = {
+  **{ours: theirs for theirs, ours in _FROM_SAELENS_ARCH.items()},
+  **dict.fromkeys(_BATCH_THRESHOLD, 'jumprelu'),
+}
 # SAELens rewrites any cfg without a version >= 6.0.0 as a pre-6 config, so the file must claim the 6.x schema.
 _SAELENS_SCHEMA_VERSION = '6.0.0'
 
@@ -45,7 +50,7 @@ def _param_shapes(arch: str, d_in: int, num_latents: int) -> dict[str, tuple[int
     shapes.update(r_mag=(F,), b_mag=(F,))
   elif arch == 'jumprelu':
     shapes['threshold'] = (F,)
-  elif arch == 'batchtopk':
+  elif arch in _BATCH_THRESHOLD:
     shapes['threshold'] = ()
   return shapes
 
@@ -60,7 +65,7 @@ def _file_layout(fmt: str, arch: str, d_in: int, num_latents: int) -> dict[str, 
     layout['W_enc'] = ('W_enc', (d_in, num_latents))
     if arch == 'gated':
       layout['b_enc'] = ('b_gate', (num_latents,))
-    if arch == 'batchtopk':
+    if arch in _BATCH_THRESHOLD:
       layout['threshold'] = ('threshold', (num_latents,))
   return layout
 
@@ -90,7 +95,7 @@ def _check_dims(arch: str, k: int, d_in: int, num_latents: int) -> None:
     raise ValueError(f'unknown SAE architecture {arch!r}; use one of {", ".join(ARCHS)}')
   if d_in < 1 or num_latents < 1:
     raise ValueError(f'd_in={d_in} and num_latents={num_latents} must both be positive')
-  if arch in ('topk', 'batchtopk') and not 1 <= k <= num_latents:
+  if arch in ('topk', *_BATCH_THRESHOLD) and not 1 <= k <= num_latents:
     raise ValueError(f'{arch} needs 1 <= k <= num_latents, got k={k} with num_latents={num_latents}')
 
 
@@ -132,7 +137,7 @@ def save_saelens(
   layout = _file_layout('saelens', arch, d_in, num_latents)
   tensors = {layout[name][0]: value for name, value in arrays.items()}
   tensors['W_enc'] = np.ascontiguousarray(arrays['W_enc'].T)
-  if arch == 'batchtopk':
+  if arch in _BATCH_THRESHOLD:
     tensors['threshold'] = np.full((num_latents,), arrays['threshold'], np.float32)
   metadata = {'sae_lens_version': _SAELENS_SCHEMA_VERSION, 'hook_name': hook_name, 'saejax_arch': arch, 'saejax_k': k}
   cfg = {
@@ -227,8 +232,8 @@ def load_sae(folder) -> tuple[dict[str, np.ndarray], dict]:
     # Pre-6 SAELens files have no `architecture`; TopK ones say so through activation_fn.
     sl_arch = file_cfg.get('architecture') or ('topk' if file_cfg.get('activation_fn') == 'topk' else 'standard')
     arch = _FROM_SAELENS_ARCH.get(sl_arch, sl_arch)
-    if arch == 'jumprelu' and metadata.get('saejax_arch') == 'batchtopk':
-      arch = 'batchtopk'
+    if arch == 'jumprelu' and metadata.get('saejax_arch') in _BATCH_THRESHOLD:
+      arch = metadata['saejax_arch']
     num_latents = _int_field(file_cfg, 'd_sae', cfg_path)
     k = int(file_cfg.get('k') or (file_cfg.get('activation_fn_kwargs') or {}).get('k') or metadata.get('saejax_k') or 0)
     normalize = file_cfg.get('normalize_activations')
@@ -244,7 +249,7 @@ def load_sae(folder) -> tuple[dict[str, np.ndarray], dict]:
   params = {name: file_arrays[file_name] for name, (file_name, _) in layout.items()}
   if fmt == 'saelens':
     params['W_enc'] = np.ascontiguousarray(params['W_enc'].T)
-    if arch == 'batchtopk':
+    if arch in _BATCH_THRESHOLD:
       threshold_F = params['threshold']
       if np.all(threshold_F == threshold_F[0]):
         params['threshold'] = np.asarray(threshold_F[0], np.float32)

@@ -32,7 +32,7 @@ def random_params(arch, seed=0):
     params['b_mag'] = (rng.normal(size=F) * 0.1).astype(np.float32)
   elif arch == 'jumprelu':
     params['threshold'] = rng.uniform(0.01, 0.3, size=F).astype(np.float32)
-  elif arch == 'batchtopk':
+  elif arch in ('batchtopk', 'matryoshka'):
     params['threshold'] = np.asarray(0.15, np.float32)
   return params
 
@@ -234,6 +234,6 @@ def test_missing_key_and_wrong_shape(tmp_path):
 
 def test_bad_arguments(tmp_path):
   with pytest.raises(ValueError, match='unknown SAE architecture'):
-    formats.save_eleuther(tmp_path / 'sae', random_params('topk'), arch='matryoshka', **DIMS)
+    formats.save_eleuther(tmp_path / 'sae', random_params('topk'), arch='transcoder', **DIMS)
   with pytest.raises(ValueError, match='1 <= k'):
     formats.save_saelens(tmp_path / 'sae', random_params('topk'), arch='topk', k=0, d_in=D, num_latents=F)

@@ -44,6 +44,9 @@ def test_quick_reproduction_reports_every_claim(tmp_path):
     assert any(name.startswith(claim) for name in names), claim
   assert any(name.startswith('[random LM]') for name in names)
   assert all(c['holds'] in (True, False, None) and c['measured'] for c in claims)
+  # Matryoshka BatchTopK is measured beside the L1 architectures (a row, not part of the verdict).
+  arch = next(c for c in claims if c['claim'].startswith('ReLU+L1 and Gated'))
+  assert 0.0 <= arch['details']['rows']['matryoshka']['shared'] <= 1.0 and 'matryoshka (beside' in arch['measured']
   # The one claim that is a mathematical certainty must hold, on both sources.
   assert all(c['holds'] for c in claims if 'permuted copy' in c['claim'])
   report = (tmp_path / 'report.md').read_text()

@@ -67,6 +67,8 @@ def test_quick_suite_reports_every_claim_with_the_paper_value(quick):
   assert report.split('## Claims')[1].split('##')[0].count('\n| ') == len(measured) + 1
   for label in ('shared fraction', 'partner agreement', 'PW-MCC', 'unique to the base SAE'):
     assert label in report
+  arch = next(c for c in measured if c['claim'].startswith('ReLU+L1 and Gated'))
+  assert 0.0 <= arch['details']['rows']['matryoshka']['shared'] <= 1.0 and 'matryoshka (beside' in arch['measured']
   # The console: one line per run and one per verdict, no library INFO logs.
   assert 'I1' not in result.stderr and 'checkpoint_manager' not in result.stderr
   assert result.stdout.count('[suite] ') >= len(suite_smollm2.PLANS['quick'].widths) + 8

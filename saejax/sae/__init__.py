@@ -4,7 +4,7 @@ from saejax.sae import dense, topk
 from saejax.sae.base import Architecture, Params, SaeSpec, data_b_dec, fvu, unit_rows
 
 ARCHITECTURES: dict[str, Architecture] = {
-  arch.name: arch for arch in (topk.ARCH, dense.BATCHTOPK, dense.RELU, dense.GATED, dense.JUMPRELU)
+  arch.name: arch for arch in (topk.ARCH, dense.BATCHTOPK, dense.MATRYOSHKA, dense.RELU, dense.GATED, dense.JUMPRELU)
 }
 
 

@@ -35,6 +35,7 @@ class SaeSpec:
   auxk: bool = False
   auxk_coefficient: float = 1.0 / 32.0
   multi_topk: bool = False
+  matryoshka_widths: tuple[int, ...] = ()  # Matryoshka BatchTopK's nested prefixes (dense.matryoshka_widths)
   latent_shards: int = 1
   # The per-platform kernel plan (saejax.tuning; TrainConfig resolves its -1/'auto' fields for a platform).
   chunk_tokens: int = 32  # tokens per chunk of the sparse TopK gathers and scatters; 0: no token chunks

@@ -1,8 +1,9 @@
 """SAE architectures whose latent count per token is not fixed, so they use dense [B, F] codes.
 
 - ReLU + L1 ("standard"), Gated (Rajamanoharan et al. 2024), JumpReLU (threshold kept in float32,
-  straight-through rectangle-kernel gradients), and BatchTopK (top B*k activations over the whole batch,
-  with a running threshold for inference).
+  straight-through rectangle-kernel gradients), BatchTopK (top B*k activations over the whole batch,
+  with a running threshold for inference), and Matryoshka BatchTopK (Bussmann et al. 2025: BatchTopK whose
+  nested dictionary prefixes each reconstruct the input too).
 
 Sparsity penalties are scaled so that `l1_coefficient` means what it means in SAELens: SAELens's loss on
 inputs rescaled to unit variance per dimension, divided by d_in so that it adds to the FVU. For JumpReLU
@@ -182,7 +183,36 @@ def batchtopk_post_update(params, aux, spec):
   return {**params, 'threshold': jnp.where(first, aux['min_kept'], blended)}
 
 
+# Matryoshka BatchTopK ---------------------------------------------------------------------------------
+
+
+def matryoshka_widths(spec) -> tuple[int, ...]:
+  """The nested prefix widths, the last being the whole dictionary; () means M/16, M/4 and M."""
+  if spec.matryoshka_widths:
+    return tuple(spec.matryoshka_widths)
+  return tuple(sorted({w for w in (spec.num_latents // 16, spec.num_latents // 4) if w > 0} | {spec.num_latents}))
+
+
+def matryoshka_loss(params, x_BxD, dead_F, spec):
+  """Sum over the prefixes of their FVU: codes are BatchTopK's over the whole dictionary, and prefix i decodes
+  with latents [0, widths[i]) only, so early latents must reconstruct on their own (SAELens's and
+  dictionary_learning's loss, in FVU units). The last prefix is the whole SAE, whose FVU is the reported one."""
+  del dead_F
+  z_BxF, min_kept = _batch_top(_pre(params, x_BxD, spec), spec.k)
+  recon_BxD = jnp.broadcast_to(params['b_dec'], x_BxD.shape)
+  prefix_fvus, start = [], 0
+  for width in matryoshka_widths(spec):
+    recon_BxD = recon_BxD + kernels.mm('bf,fd->bd', z_BxF[:, start:width], params['W_dec'][start:width], spec.sae_dtype)
+    prefix_fvus.append(base.fvu(recon_BxD, x_BxD))
+    start = width
+  prefix_fvu = jnp.stack(prefix_fvus)
+  aux = {'fvu': prefix_fvu[-1], 'prefix_fvu': prefix_fvu, 'min_kept': min_kept, **base.dense_stats(z_BxF)}
+  return jnp.sum(prefix_fvu), aux
+
+
 RELU = base.Architecture('relu', base.init_linear, relu_loss, relu_encode, base.normalise_decoder)
 GATED = base.Architecture('gated', gated_init, gated_loss, gated_encode, base.normalise_decoder)
 JUMPRELU = base.Architecture('jumprelu', jumprelu_init, jumprelu_loss, jumprelu_encode, base.normalise_decoder)
 BATCHTOPK = base.Architecture('batchtopk', batchtopk_init, batchtopk_loss, batchtopk_encode, batchtopk_post_update)
+# Inference and the running threshold are BatchTopK's, so the exports are too (SAELens: JumpReLU).
+MATRYOSHKA = base.Architecture('matryoshka', batchtopk_init, matryoshka_loss, batchtopk_encode, batchtopk_post_update)

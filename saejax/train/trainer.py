@@ -278,11 +278,19 @@ class Trainer:
   def _export(self, hookpoint: str, params: dict[str, np.ndarray]) -> None:
     config = self.config
     sizes = {'arch': config.arch, 'k': config.k, 'd_in': config.d_in, 'num_latents': config.num_latents}
+    # What training alone needs, recorded with the export (inference does not use it).
+    extra = (
+      {'matryoshka_widths': list(sae_lib.dense.matryoshka_widths(self.spec))} if config.arch == 'matryoshka' else None
+    )
     for index, seed in enumerate(config.init_seeds):
       seed_params = {name: np.asarray(value[index]) for name, value in params.items()}
-      formats.save_eleuther(run_folder.sae_dir(self.workdir, hookpoint, seed), seed_params, **sizes)
+      formats.save_eleuther(run_folder.sae_dir(self.workdir, hookpoint, seed), seed_params, **sizes, extra_cfg=extra)
       formats.save_saelens(
-        run_folder.sae_dir(self.workdir, hookpoint, seed, 'saelens'), seed_params, hook_name=hookpoint, **sizes
+        run_folder.sae_dir(self.workdir, hookpoint, seed, 'saelens'),
+        seed_params,
+        hook_name=hookpoint,
+        **sizes,
+        extra_cfg=extra,
       )
 
 
