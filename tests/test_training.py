@@ -1,6 +1,7 @@
 """Training behaviour: every architecture learns, seeds are independent, and the mesh does not change results."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,18 @@ def test_every_matryoshka_prefix_reconstructs_and_learns():
     # What the nesting buys: plain BatchTopK, trained the same, leaves its first latents far worse on their own.
     plain = prefix_fvus({name: jnp.asarray(value[index]) for name, value in batchtopk.items()})
     assert after[0] < plain[0], (after, plain)
+
+
+@pytest.mark.parametrize('widths', [(8, 8, 64), (8, 24), (0, 64), (24, 8, 64)])
+def test_matryoshka_widths_must_rise_to_the_dictionary(widths):
+  with pytest.raises(ValueError, match='matryoshka_widths=.* must rise strictly'):
+    dataclasses.replace(TINY, arch='matryoshka', matryoshka_widths=widths).validate()
+
+
+def test_matryoshka_widths_survive_the_config_file():
+  config = dataclasses.replace(TINY, arch='matryoshka', matryoshka_widths=(8, 24, 64))
+  config.validate()
+  assert TrainConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
 
 
 LONG = dataclasses.replace(TINY, num_tokens=256 * 500, lr=1e-3, dead_tokens=2000)
