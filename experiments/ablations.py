@@ -1,6 +1,8 @@
 """The paper's ablations as run matrices: each run is a preset plus config overrides.
 
-`experiments.sweep` prints or runs them; `experiments.figures` reads their alignments back.
+`experiments.sweep` prints or runs them; `experiments.figures` reads their alignments back. A sweep whose runs
+differ only in settings that may vary within one run (saejax.variants: k, lr, L1, width, architecture) also runs
+as one run, `ROOT/<sweep>/one_step`, with each of its runs a variant (`one_step_run`); the figures read either.
 """
 
 from __future__ import annotations
@@ -9,6 +11,10 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
+from saejax.variants import VARIANT_FIELDS
+
+ONE_STEP = 'one_step'
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -16,6 +22,7 @@ class Run:
   preset: str
   overrides: tuple[tuple[str, str], ...]
   varied: str  # the config field this sweep varies, read back by experiments.figures
+  variants: tuple[str, ...] = ()  # a one-step run: the variants it trains (each one of the sweep's runs)
 
   def workdir(self, root: str, sweep: str) -> str:
     return f'{root.rstrip("/")}/{sweep}/{self.name}'
@@ -34,6 +41,37 @@ class Run:
 
   def align_command(self, root: str, sweep: str, extra: Sequence[str] = ()) -> list[str]:
     return [sys.executable, '-m', 'experiments.align', f'--workdir={self.workdir(root, sweep)}', *extra]
+
+  def alignment_summaries(self, root: str, sweep: str) -> list[str]:
+    """The alignment summary.json files this run writes: one, or one per variant of a one-step run."""
+    alignment = f'{self.workdir(root, sweep)}/alignment'
+    return [f'{alignment}/{v}/summary.json' for v in self.variants] or [f'{alignment}/summary.json']
+
+
+def variant_names(runs: Sequence[Run]) -> list[str]:
+  """Each run as a variant name: its overrides that are not common to every run, `field=value` joined by ','."""
+  common = set.intersection(*(set(run.overrides) for run in runs))
+  return [','.join(f'{f}={v}' for f, v in run.overrides if (f, v) not in common) for run in runs]
+
+
+def one_step_run(sweep: str) -> Run:
+  """The sweep as one run that trains each of its runs as a variant in the same step (ValueError if it cannot)."""
+  runs = sweep_runs(sweep)
+  if len(runs) < 2:
+    raise ValueError(f'sweep {sweep!r} has one run; there is nothing to train beside it')
+  presets = sorted({run.preset for run in runs})
+  if len(presets) > 1:
+    raise ValueError(f'sweep {sweep!r} mixes presets ({", ".join(presets)}); only runs of one preset share a step')
+  common = set.intersection(*(set(run.overrides) for run in runs))
+  fixed = sorted({f for run in runs for f, v in run.overrides if (f, v) not in common and f not in VARIANT_FIELDS})
+  if fixed:
+    raise ValueError(
+      f'sweep {sweep!r} varies {", ".join(fixed)}, which changes the data stream; it runs only as separate runs '
+      f'(drop --one-step). One step can vary {", ".join(VARIANT_FIELDS)}'
+    )
+  names = variant_names(runs)
+  overrides = tuple(o for o in runs[0].overrides if o in common) + (('variants', '|'.join(names)),)
+  return Run(ONE_STEP, presets[0], overrides, runs[0].varied, tuple(names))
 
 
 def _runs(preset: str, field: str, values, name: str = '{}', **fixed) -> list[Run]:

@@ -4,6 +4,8 @@
 
 Reads `ROOT/<sweep>/<run>/config.json` and `ROOT/<sweep>/<run>/alignment/summary.json` for every sweep of
 `experiments.sweep` that has results, writes one PNG per figure and `figures.json` with the plotted numbers.
+A sweep trained as one run (`experiments.sweep --one-step`) is read from `ROOT/<sweep>/one_step/`, each of its
+runs from `alignment/<variant>/summary.json`; a separate run of the same setting takes precedence.
 Runs without an alignment yet are listed as missing, not plotted.
 """
 
@@ -19,11 +21,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments.ablations import SWEEPS  # noqa: E402
+from experiments.ablations import ONE_STEP, SWEEPS, variant_names  # noqa: E402
 from experiments.cli import parse_flags
-from saejax import storage  # noqa: E402
+from saejax import storage, variants  # noqa: E402
 from saejax.analysis.figures import save_png_atomic  # noqa: E402
 from saejax.analysis.pairs import SUMMARY_KEYS  # noqa: E402
+from saejax.config import TrainConfig  # noqa: E402
 
 _ROOT = flags.DEFINE_string('root', 'runs', 'The --root the sweeps ran under.')
 _OUT = flags.DEFINE_string('out', None, 'Output folder (default ROOT/figures).')
@@ -37,22 +40,31 @@ def collect(root: str) -> tuple[dict[str, list[dict]], list[str]]:
   results, missing = {}, []
   for sweep, runs in SWEEPS.items():
     rows = []
-    for run in runs:
+    one_step = f'{root.rstrip("/")}/{sweep}/{ONE_STEP}'
+    names = variant_names(runs) if len(runs) > 1 else [''] * len(runs)
+    for run, variant in zip(runs, names):
       workdir = run.workdir(root, sweep)
-      summary_path = storage.join(workdir, 'alignment', 'summary.json')
-      if not storage.exists(summary_path):
-        if storage.exists(workdir):
-          missing.append(workdir)
+      found = _aligned(workdir, None) or (_aligned(one_step, variant) if variant else None)
+      if found is None:
+        missing += [path for path in (workdir, one_step) if storage.exists(path)][:1]
         continue
-      config = storage.read_json(storage.join(workdir, 'config.json'))
-      pairs = storage.read_json(summary_path)['pairs']
-      row = {'run': run.name, 'field': run.varied, 'value': config.get(run.varied), 'pairs': len(pairs)}
+      config, pairs = found
+      row = {'run': run.name, 'field': run.varied, 'value': getattr(config, run.varied), 'pairs': len(pairs)}
       for key in AVERAGED_KEYS:
         row[key] = float(np.mean([p[key] for p in pairs]))
       rows.append(row)
     if rows:
       results[sweep] = rows
-  return results, missing
+  return results, sorted(set(missing))
+
+
+def _aligned(workdir: str, variant: str | None) -> tuple[TrainConfig, list[dict]] | None:
+  """(the config that trained it, its alignment's pairs) of a run, or of one variant of a one-step run."""
+  summary_path = storage.join(workdir, 'alignment', *([variant] if variant else []), 'summary.json')
+  if not storage.exists(summary_path):
+    return None
+  config = variants.config_of(TrainConfig.from_json(storage.read_json(storage.join(workdir, 'config.json'))), variant)
+  return config, storage.read_json(summary_path)['pairs']
 
 
 def _line(ax, rows, key, label=None, **style):

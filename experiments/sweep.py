@@ -4,11 +4,16 @@
   python -m experiments.sweep --sweep=fig4_k --mode=local --root=runs     # run them one after another, here
   python -m experiments.sweep --sweep=fig4_k --mode=pod --root=gs://BUCKET/runs   # one after another, on the slice
   python -m experiments.sweep --sweep=fig5_layers --set=model=/data/pythia-160m --set=dataset=/data/pile.bin
+  python -m experiments.sweep --sweep=fig4_k --one-step --mode=local      # every k as a variant of one run
 
 Each run is a preset plus overrides; `--set FIELD=VALUE` adds overrides to every run (local weights, fewer
 tokens for a smoke test), and `--align FLAG` adds an option to every align command (`--align=--firing_tokens=0`
 skips Fig. 3's firing counts). Runs that already finished are skipped, and an interrupted run resumes, so rerunning
 the same sweep command continues where it stopped.
+
+`--one-step` trains a sweep whose runs differ only in variant fields (k, lr, L1, width, architecture) as one
+run, `ROOT/<sweep>/one_step`, with each run a variant beside the others in the same step: the data (and the LM)
+is read once. It is aligned variant by variant into `one_step/alignment/<variant>/`, which the figures read.
 
 `--mode=pod` trains each run on the TPU slice of `launch/env` (or `LAUNCH_ENV`) through `launch/babysit.sh`,
 which creates the slice if needed, starts the command on every worker, recreates a preempted spot slice, and
@@ -28,7 +33,7 @@ import sys
 
 from absl import app, flags
 
-from experiments.ablations import SWEEPS, Run, sweep_runs
+from experiments.ablations import SWEEPS, Run, one_step_run, sweep_runs
 from experiments.cli import fail, parse_flags
 from saejax import storage
 
@@ -49,13 +54,16 @@ _ALIGN = flags.DEFINE_multi_string(
 _BABYSIT = flags.DEFINE_multi_string(
   'babysit', [], 'pod mode: an option for launch/babysit.sh, e.g. --babysit=--max-restarts=20 (repeatable).'
 )
+_ONE_STEP = flags.DEFINE_boolean(
+  'one-step', False, "Train the sweep's runs as variants of one run in the same step (k, lr, L1, width, arch)."
+)
 _LAUNCH_DIR = flags.DEFINE_string('launch_dir', LAUNCH_DIR, 'pod mode: the folder holding babysit.sh.')
 
 
-def _done(workdir: str, aligned: bool) -> bool:
-  return storage.exists(
-    storage.join(workdir, 'alignment', 'summary.json') if aligned else storage.join(workdir, 'summary.json')
-  )
+def _done(run: Run, root: str, sweep: str, aligned: bool) -> bool:
+  if aligned:
+    return all(storage.exists(path) for path in run.alignment_summaries(root, sweep))
+  return storage.exists(storage.join(run.workdir(root, sweep), 'summary.json'))
 
 
 def pod_train_command(run: Run, root: str, sweep: str, extra: list[str]) -> list[str]:
@@ -69,7 +77,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1 or not _SWEEP.value:
     fail(f'give --sweep=NAME, one of: {", ".join(SWEEPS)}')
   try:
-    runs = sweep_runs(_SWEEP.value)
+    runs = [one_step_run(_SWEEP.value)] if _ONE_STEP.value else sweep_runs(_SWEEP.value)
   except ValueError as error:
     fail(str(error))
   root, sweep, mode = _ROOT.value, _SWEEP.value, _MODE.value
@@ -89,9 +97,8 @@ def main(argv: list[str]) -> None:
       for command in commands:
         print(shlex.join(['python', *command[1:]]))
       continue
-    workdir = run.workdir(root, sweep)
     for aligned, command in zip((False, True), commands):
-      if _done(workdir, aligned):
+      if _done(run, root, sweep, aligned):
         continue
       done = subprocess.run(command)
       if done.returncode != 0:

@@ -69,9 +69,10 @@ def main(argv: list[str]) -> None:
 
     console.say(console.table(*run_folder.seed_table(result.summary)))
     workdir = _WORKDIR.value
+    layout = '<hookpoint>/<variant>/seed<N>/' if config.variants else '<hookpoint>/seed<N>/'
     console.say(
       f'done: {result.step:,} steps. SAEs in {workdir}/saes/ (EleutherAI) and {workdir}/saelens/ as '
-      f'<hookpoint>/seed<N>/; summary.json, metrics.jsonl'
+      f'{layout}; summary.json, metrics.jsonl'
     )
 
 

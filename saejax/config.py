@@ -9,7 +9,7 @@ import dataclasses
 import math
 from typing import Any
 
-from saejax import tuning
+from saejax import tuning, variants
 
 ARCHITECTURES = ('topk', 'batchtopk', 'matryoshka', 'relu', 'gated', 'jumprelu')
 SOURCES = ('synthetic', 'lm', 'cache')
@@ -41,6 +41,10 @@ class TrainConfig:
   # Matryoshka BatchTopK (arch='matryoshka'): the nested prefix widths, strictly increasing and ending at
   # num_latents, each of which must reconstruct the input on its own; () means num_latents / 16, / 4 and all.
   matryoshka_widths: tuple[int, ...] = ()
+  # Hyperparameter variants trained beside the seeds in the same step (saejax.variants): 'k=16,32,64',
+  # 'k=16,32;lr=1e-4,3e-4' (every combination) or 'arch=topk|arch=relu,l1_coefficient=3.0'. '' trains the one
+  # setting above; otherwise each variant is this config with its overrides.
+  variants: str = ''
   # 'mean' (code from late 2024 on) or 'geometric_median' (mid-2024 code that trained the paper's seed 1).
   b_dec_init: str = 'mean'
 
@@ -147,6 +151,7 @@ class TrainConfig:
     for ok, message in checks:
       if not ok:
         raise ValueError(message)
+    variants.resolve(self)  # each variant's own config is valid (one line naming the variant otherwise)
 
   def _matryoshka_widths_ok(self) -> bool:
     widths = tuple(self.matryoshka_widths)

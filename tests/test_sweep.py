@@ -148,6 +148,38 @@ def test_pod_sweep_babysits_each_run_in_turn_and_skips_finished_ones(tmp_path):
   assert json.loads(result.stdout)['runs'][-1] == f'{root}/fig5_arch/relu'
 
 
+def test_a_one_step_sweep_is_one_run_with_a_variant_per_setting():
+  lines = run('experiments.sweep', '--sweep=fig4_k', '--one-step', '--root=r').stdout.strip().splitlines()
+  assert lines == [
+    "python -m experiments.train --config=pythia160m --workdir=r/fig4_k/one_step '--config.variants=k=16|k=32|k=64|"
+    "k=128|k=256'",
+    'python -m experiments.align --workdir=r/fig4_k/one_step',
+  ]
+  refused = run('experiments.sweep', '--sweep=fig4_tokens', '--one-step')
+  assert refused.returncode == 2 and refused.stderr.count('error:') == 1 and 'varies num_tokens' in refused.stderr
+
+
+@pytest.mark.slow
+def test_one_step_sweep_trains_every_setting_beside_the_others_and_plots(tmp_path):
+  root = tmp_path / 'runs'
+  args = ['--sweep=fig5_arch', '--one-step', '--mode=local', f'--root={root}', '--align=--firing_tokens=2560']
+  result = run('experiments.sweep', *args, *[f'--set={item}' for item in SYNTHETIC_SETS])
+  assert result.returncode == 0, result.stderr[-3000:]
+  workdir = root / 'fig5_arch' / 'one_step'
+  assert json.loads(result.stdout)['runs'] == [str(workdir)]
+  names = ['arch=topk', 'arch=gated,l1_coefficient=3.0,lr=2e-4', 'arch=relu,l1_coefficient=3.0,lr=2e-4']
+  assert sorted(json.loads((workdir / 'summary.json').read_text())['variants']) == sorted(names)
+  for name, arch in zip(names, ('topk', 'gated', 'relu')):
+    cfg = json.loads((workdir / 'saes' / 'synthetic' / name / 'seed1' / 'cfg.json').read_text())
+    assert cfg['arch'] == arch
+    assert (workdir / 'alignment' / name / 'summary.json').exists()
+  plotted = run('experiments.figures', f'--root={root}')
+  assert plotted.returncode == 0, plotted.stderr[-3000:]
+  rows = json.loads((root / 'figures' / 'figures.json').read_text())['results']['fig5_arch']
+  assert [(r['run'], r['value']) for r in rows] == [('topk', 'topk'), ('gated', 'gated'), ('relu', 'relu')]
+  assert all(0.0 <= r['shared_fraction'] <= 1.0 and r['pairs'] == 1 for r in rows)
+
+
 def test_pod_sweep_needs_the_launch_scripts(tmp_path):
   result = run('experiments.sweep', '--sweep=fig4_k', '--mode=pod', f'--launch_dir={tmp_path}')
   assert result.returncode == 2 and result.stderr.count('error:') == 1 and 'babysit.sh' in result.stderr

@@ -22,9 +22,9 @@ from saejax.sae import kernels
 FIRING_FILE = 'firing_counts.npz'
 
 
-def _path(workdir: str, hookpoint: str | None) -> str:
-  """`firing_counts.npz`, or `firing_counts.<hookpoint>.npz` for runs with several hookpoints."""
-  name = FIRING_FILE if hookpoint is None else FIRING_FILE.replace('.npz', f'.{hookpoint}.npz')
+def _path(workdir: str, key: str | None) -> str:
+  """`firing_counts.npz`, or `firing_counts.<key>.npz` for runs with several hookpoints or variants."""
+  name = FIRING_FILE if key is None else FIRING_FILE.replace('.npz', f'.{key}.npz')
   return storage.join(workdir, name)
 
 
@@ -81,28 +81,37 @@ def count_firing(
   return total_SxF, counted * source.batch_size
 
 
-def save_counts(
-  workdir: str, counts_SxF: np.ndarray, tokens: int, seeds: list[str], hookpoint: str | None = None
-) -> str:
-  path = _path(workdir, hookpoint)
+def save_counts(workdir: str, counts_SxF: np.ndarray, tokens: int, seeds: list[str], key: str | None = None) -> str:
+  path = _path(workdir, key)
   return storage.write_npz(path, {'counts': counts_SxF, 'tokens': np.int64(tokens), 'seeds': np.asarray(seeds)})
 
 
-def load_counts(workdir: str, hookpoint: str | None = None) -> dict[str, np.ndarray] | None:
-  path = _path(workdir, hookpoint)
+def load_counts(workdir: str, key: str | None = None) -> dict[str, np.ndarray] | None:
+  path = _path(workdir, key)
   return storage.read_npz(path) if storage.exists(path) else None
 
 
-def counts_for_run(workdir: str, hookpoint: str, sae_dirs: Mapping[str, str], num_tokens: int, progress: bool = True):
-  """Counts firing of a run's exported seeds over tokens after its training stream, and stores them in the run
-  folder; stored counts are reused when they cover at least `num_tokens` tokens of the same seeds."""
-  from saejax import data, formats
+def counts_for_run(
+  workdir: str,
+  hookpoint: str,
+  sae_dirs: Mapping[str, str],
+  num_tokens: int,
+  progress: bool = True,
+  variant: str | None = None,
+):
+  """Counts firing of a run's exported seeds (of one variant, for a run with variants) over tokens after its
+  training stream, and stores them in the run folder; stored counts are reused when they cover at least
+  `num_tokens` tokens of the same seeds."""
+  from saejax import data, formats, variants
   from saejax import sharding as shd
   from saejax.config import TrainConfig
   from saejax.train import run_folder
 
   config = TrainConfig.from_json(run_folder.read_config(workdir))
-  file_key = hookpoint if len(config.hookpoints) > 1 else None
+  own = variants.config_of(config, variant)
+  parts = [hookpoint] if len(config.hookpoints) > 1 else []
+  parts += [variant] if variant else []
+  file_key = '.'.join(parts) or None
   stored = load_counts(workdir, file_key)
   if stored is not None and int(stored['tokens']) >= num_tokens and list(stored['seeds']) == list(sae_dirs):
     return stored
@@ -111,7 +120,7 @@ def counts_for_run(workdir: str, hookpoint: str, sae_dirs: Mapping[str, str], nu
   source = data.make_source(config, shd.batch_sharding(shd.make_mesh()))
   counts, tokens = count_firing(
     params,
-    sae_lib.SaeSpec.from_config(config),
+    sae_lib.SaeSpec.from_config(own),
     source,
     num_tokens,
     start_position=config.num_steps,

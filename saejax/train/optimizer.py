@@ -12,12 +12,16 @@ import optax
 
 from saejax.sae.base import remove_parallel_component
 
+_WARNED: set[tuple[int, int]] = set()
+
 
 def lr_schedule(peak_lr: float, warmup_steps: int, num_steps: int) -> optax.Schedule:
   """Linear warm-up to `peak_lr`, then linear decay to 0 at the last step (recipe.md section 1)."""
   if warmup_steps >= num_steps:
     shortened = max(1, num_steps // 10)
-    logging.warning('warmup_steps=%d >= num_steps=%d; warming up over %d steps', warmup_steps, num_steps, shortened)
+    if (warmup_steps, num_steps) not in _WARNED:  # once per run, not once per variant
+      _WARNED.add((warmup_steps, num_steps))
+      logging.warning('warmup_steps=%d >= num_steps=%d; warming up over %d steps', warmup_steps, num_steps, shortened)
     warmup_steps = shortened
   warmup = optax.linear_schedule(peak_lr / max(warmup_steps, 1), peak_lr, warmup_steps)
   decay = optax.linear_schedule(peak_lr, 0.0, max(num_steps - warmup_steps, 1))

@@ -8,6 +8,10 @@
     DIR/summary.json                             final per-seed metrics, `seed_stats` (mean, std over seeds)
                                                  (+ recovery for synthetic data)
 
+A run with variants (saejax.variants) exports each as if it were its own run, one folder level deeper:
+`DIR/saes/<hookpoint>/<variant>/seed<N>/` (and the same under saelens/), where <variant> spells its settings
+(`k=16`, `k=16,lr=1e-4`); its summary.json holds each variant's block under 'variants'.
+
 DIR may be local or on object storage (gs://bucket/run); every file is written atomically through
 `saejax.storage`, so an interrupted run never leaves a half-written file behind.
 """
@@ -19,6 +23,7 @@ import re
 from typing import Any
 
 from saejax import storage
+from saejax import variants as variants_lib
 from saejax.config import TrainConfig
 
 CONFIG = 'config.json'
@@ -39,25 +44,57 @@ RESUMABLE_FIELDS = frozenset(
 )
 
 
-def sae_dir(workdir: str, hookpoint: str, seed: int, layout: str = 'saes') -> str:
-  return storage.join(workdir, layout, hookpoint, f'seed{seed}')
+def sae_dir(workdir: str, hookpoint: str, seed: int, layout: str = 'saes', variant: str = '') -> str:
+  return storage.join(workdir, layout, hookpoint, *([variant] if variant else []), f'seed{seed}')
 
 
-def exported_sae_dirs(workdir: str, hookpoint: str | None = None) -> tuple[str, dict[str, str]]:
-  """The hookpoint (the only one unless named) and its exported seed folders {'seed0': path}, in seed order."""
+def _seed_folders(folder: str) -> dict[str, str]:
+  seeds = [name for name in storage.listdir(folder) if re.fullmatch(r'seed\d+', name)]
+  return {name: storage.join(folder, name) for name in sorted(seeds, key=lambda n: int(n[4:]))}
+
+
+def exported_variants(workdir: str, hookpoint: str) -> list[str]:
+  """The variant folders of one exported hookpoint, in the order the run lists them ([] without variants)."""
+  folder = storage.join(workdir, 'saes', hookpoint)
+  found = [n for n in storage.listdir(folder) if not (re.fullmatch(r'seed\d+', n) or n.startswith('.'))]
+  config = read_config(workdir) if storage.isfile(storage.join(workdir, CONFIG)) else {}
+  listed = [name for name, _ in variants_lib.resolve(TrainConfig.from_json(config))] if config else []
+  return [name for name in listed if name in found] + sorted(name for name in found if name not in listed)
+
+
+def _choose(workdir: str, options: list[str], chosen: str | None, what: str, flag: str) -> str:
+  """`chosen` among the run's `options` (the only one when None); else an error that says what to pass."""
+  if chosen is None:
+    if len(options) > 1:
+      raise ValueError(f'{workdir} has several {what}s ({", ".join(options)}); choose one with --{flag}')
+    chosen = options[0]
+  if chosen not in options:
+    raise ValueError(f'{workdir} has no {what} {chosen!r}; choose one of {", ".join(options)}')
+  return chosen
+
+
+def exported_hookpoint(workdir: str, hookpoint: str | None = None) -> str:
+  """The run's exported hookpoint named `hookpoint` (default: the only one); an error that says what to pass."""
   root = storage.join(workdir, 'saes')
   hookpoints = storage.listdir(root)
   if not hookpoints:
     raise FileNotFoundError(f'{root} holds no exported SAEs; train first (python -m experiments.train ...)')
-  if hookpoint is None:
-    if len(hookpoints) > 1:
-      raise ValueError(f'{workdir} has several hookpoints {hookpoints}; choose one with --hookpoint')
-    hookpoint = hookpoints[0]
-  if hookpoint not in hookpoints:
-    raise ValueError(f'{workdir} has no SAEs at hookpoint {hookpoint!r}; choose one of {hookpoints}')
-  folder = storage.join(root, hookpoint)
-  seeds = [name for name in storage.listdir(folder) if re.fullmatch(r'seed\d+', name)]
-  return hookpoint, {name: storage.join(folder, name) for name in sorted(seeds, key=lambda n: int(n[4:]))}
+  return _choose(workdir, hookpoints, hookpoint, 'hookpoint', 'hookpoint')
+
+
+def exported_sae_dirs(
+  workdir: str, hookpoint: str | None = None, variant: str | None = None
+) -> tuple[str, dict[str, str]]:
+  """The hookpoint (the only one unless named) and its exported seed folders {'seed0': path}, in seed order;
+  for a run with variants, those of `variant` (which may be left out only when the run has one)."""
+  hookpoint = exported_hookpoint(workdir, hookpoint)
+  folder = storage.join(workdir, 'saes', hookpoint)
+  names = exported_variants(workdir, hookpoint)
+  if not names:
+    if variant:
+      raise ValueError(f'{workdir} has no variants; drop --variant={variant}')
+    return hookpoint, _seed_folders(folder)
+  return hookpoint, _seed_folders(storage.join(folder, _choose(workdir, names, variant, 'variant', 'variant')))
 
 
 def read_config(workdir: str) -> dict[str, Any]:
@@ -86,7 +123,8 @@ def prepare(workdir: str, config: TrainConfig, write: bool = True) -> None:
       ) from error
   path = storage.join(workdir, CONFIG)
   if storage.exists(path):
-    saved = read_config(workdir)
+    # Fields newer than the saved run read as their defaults (they did not exist, so they did not change it).
+    saved = {**json.loads(json.dumps(TrainConfig().to_json())), **read_config(workdir)}
     differences = [
       f'{name}: {saved.get(name)!r} -> {value!r}'
       for name, value in json.loads(json.dumps(config.to_json())).items()
@@ -117,18 +155,37 @@ def per_seed_metrics(section: dict[str, Any]) -> list[dict[str, float]]:
   return [{name: float(values[i]) for name, values in lists.items()} for i in range(num_seeds)]
 
 
+def sections(summary: dict[str, Any]) -> dict[tuple[str, str | None], dict[str, Any]]:
+  """{(variant, hookpoint): results}: every block of a summary ('' for a run without variants, None for its
+  only hookpoint)."""
+  out = {}
+  for variant, block in (summary.get('variants') or {'': summary}).items():
+    for hookpoint, section in (block.get('hookpoints') or {None: block}).items():
+      out[variant, hookpoint] = section
+  return out
+
+
 def seed_table(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-  """(header, rows) of a finished run's per-seed results: one row per hookpoint and seed, with the held-out LM
-  numbers or the last training step's, and the recovered fraction of a synthetic run."""
-  sections = summary.get('hookpoints') or {None: summary}
-  names = [name for name in SEED_METRICS if any(name in row for s in sections.values() for row in per_seed_metrics(s))]
-  recovery = any('recovery' in section for section in sections.values())
-  header = [*(['hookpoint'] if len(sections) > 1 else []), 'seed', *names, *(['recovered'] if recovery else [])]
+  """(header, rows) of a finished run's per-seed results: one row per variant, hookpoint and seed, with the
+  held-out LM numbers or the last training step's, and the recovered fraction of a synthetic run."""
+  blocks = sections(summary)
+  variant_column = any(variant for variant, _ in blocks)
+  hookpoint_column = any(hookpoint is not None for _, hookpoint in blocks)
+  names = [name for name in SEED_METRICS if any(name in row for s in blocks.values() for row in per_seed_metrics(s))]
+  recovery = any('recovery' in section for section in blocks.values())
+  header = [
+    *(['variant'] if variant_column else []),
+    *(['hookpoint'] if hookpoint_column else []),
+    'seed',
+    *names,
+    *(['recovered'] if recovery else []),
+  ]
   rows = []
-  for hookpoint, section in sections.items():
+  for (variant, hookpoint), section in blocks.items():
     recovered = [r.get('recovered_fraction') for r in (section.get('recovery') or {}).get('seeds', [])]
+    where = [*([variant] if variant_column else []), *([hookpoint] if hookpoint_column else [])]
     for i, (seed, metrics) in enumerate(zip(summary.get('seeds', []), per_seed_metrics(section))):
-      row = [*([hookpoint] if len(sections) > 1 else []), seed, *(metrics.get(name) for name in names)]
+      row = [*where, seed, *(metrics.get(name) for name in names)]
       rows.append(row + ([recovered[i] if i < len(recovered) else None] if recovery else []))
   return header, rows
 
@@ -145,13 +202,16 @@ def seed_stats(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
   return stats
 
 
-def read_seed_stats(workdir: str, hookpoint: str | None = None) -> dict[str, dict[str, float]] | None:
-  """The finished run's seed statistics for one hookpoint (None when the run has no summary.json yet)."""
+def read_seed_stats(
+  workdir: str, hookpoint: str | None = None, variant: str | None = None
+) -> dict[str, dict[str, float]] | None:
+  """The finished run's seed statistics for one hookpoint and variant (None when there is no summary.json yet)."""
   path = storage.join(workdir, SUMMARY)
   if not storage.isfile(path):
     return None
   summary = storage.read_json(path)
-  section = summary.get('hookpoints', {}).get(hookpoint, summary) if hookpoint else summary
+  block = summary.get('variants', {}).get(variant, summary) if variant else summary
+  section = block.get('hookpoints', {}).get(hookpoint, block) if hookpoint else block
   return section.get('seed_stats') or seed_stats(per_seed_metrics(section))
 
 

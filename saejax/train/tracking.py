@@ -27,11 +27,14 @@ SERIES = ('loss', 'fvu', 'l0', 'dead_fraction', 'grad_norm')
 
 
 def scalars(record: dict[str, Any], seeds) -> dict[str, float]:
-  """A metrics.jsonl record as flat tracker scalars: `<hookpoint>/seed<N>/<metric>`, plus the learning rate."""
-  out = {'lr': float(record['lr']), 'tokens': float(record['tokens'])}
+  """A metrics.jsonl record as flat tracker scalars: `<hookpoint>/seed<N>/<metric>`, plus the learning rate; a
+  variant's records as `<hookpoint>/<variant>/seed<N>/<metric>` and `<variant>/lr`."""
+  variant = record.get('variant')
+  out = {f'{variant}/lr' if variant else 'lr': float(record['lr']), 'tokens': float(record['tokens'])}
+  where = f'{record["hookpoint"]}/{variant}' if variant else record['hookpoint']
   for name in SERIES:
     for seed, value in zip(seeds, record[name]):
-      out[f'{record["hookpoint"]}/seed{seed}/{name}'] = float(value)
+      out[f'{where}/seed{seed}/{name}'] = float(value)
   return out
 
 
@@ -172,15 +175,16 @@ def open_tracker(config, workdir: str) -> Tracker:
     ) from error
 
 
-def log_alignment(workdir: str, out_dir: str, summary: dict[str, Any]) -> None:
-  """Adds an alignment of the run in `workdir` to its tracker run (if it has one): figures as images, numbers."""
+def log_alignment(workdir: str, out_dir: str, summary: dict[str, Any], name: str = 'alignment') -> None:
+  """Adds an alignment of the run in `workdir` to its tracker run (if it has one): figures as images, numbers,
+  under `name` (`alignment/<variant>` for one variant's)."""
   from saejax.train import run_folder
 
   config = TrainConfig.from_json(run_folder.read_config(workdir))
   if config.tracker == 'none':
     return
   tracker = open_tracker(config, workdir)
-  paths = {f'alignment/{name}': os.path.join(out_dir, file) for name, file in summary.get('figures', {}).items()}
+  paths = {f'{name}/{figure}': os.path.join(out_dir, file) for figure, file in summary.get('figures', {}).items()}
   tracker.images({name: path for name, path in paths.items() if os.path.isfile(path)}, config.num_steps)
-  tracker.summary({'alignment': {key: value for key, value in summary.items() if key != 'figures'}})
+  tracker.summary({name: {key: value for key, value in summary.items() if key != 'figures'}})
   tracker.close()

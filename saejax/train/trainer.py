@@ -20,7 +20,7 @@ from saejax import console, data, formats, storage
 from saejax import sae as sae_lib
 from saejax import sharding as shd
 from saejax.config import TrainConfig
-from saejax.train import checkpoint, optimizer, run_folder, seed_groups, tracking
+from saejax.train import checkpoint, run_folder, slots, tracking
 from saejax.train import step as step_lib
 
 PER_SEED_METRICS = ('loss', 'fvu', 'l0', 'dead_fraction', 'grad_norm')
@@ -69,8 +69,8 @@ class _Stop:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(metrics: dict[str, np.ndarray], step: int, seeds: tuple[int, ...], hookpoint: str | None) -> None:
-  where = f' at {hookpoint}' if hookpoint else ''
+def _check_finite(metrics: dict[str, np.ndarray], step: int, seeds: tuple[int, ...], where: str | None) -> None:
+  where = f' at {where}' if where else ''
   if not bool(np.all(metrics['input_finite'])):
     raise NonFiniteError(f'non-finite activations{where} in the batch of step {step}; the last good checkpoint is kept')
   bad = [seed for seed, loss in zip(seeds, metrics['loss']) if not np.isfinite(loss)]
@@ -82,7 +82,7 @@ def _check_finite(metrics: dict[str, np.ndarray], step: int, seeds: tuple[int, .
 
 
 class Trainer:
-  """Owns one run folder. `run()` trains (or resumes) to `num_steps`, then exports every seed."""
+  """Owns one run folder. `run()` trains (or resumes) to `num_steps`, then exports every seed of every variant."""
 
   def __init__(self, config: TrainConfig, workdir: str, mesh: jax.sharding.Mesh | None = None):
     config.validate()
@@ -91,10 +91,8 @@ class Trainer:
     self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh_data, config.mesh_model)
     shd.check_batch_divisible(self.mesh, config.batch_size)
     self.source = data.make_source(config, shd.batch_sharding(self.mesh))
-    self.arch = sae_lib.get(config.arch)
-    platform = self.mesh.devices.flat[0].platform
-    self.spec = sae_lib.SaeSpec.from_config(config, latent_shards=self.mesh.shape[shd.MODEL], platform=platform)
-    self.tx, self.schedule = optimizer.make_optimizer(config)
+    self.variants = slots.plans(config, self.mesh)
+    self.slots = slots.make(self.hookpoints, self.variants)
     self.metrics_log = run_folder.MetricsLog(workdir)
     self.tracker = tracking.Tracker()
     # Records for the tracker: those the last saved checkpoint covers, and those after it (tracking.py says why).
@@ -107,24 +105,21 @@ class Trainer:
 
   @property
   def keys(self) -> list[str]:
-    return step_lib.hookpoint_keys(self.hookpoints)
+    return [slot.key for slot in self.slots]
+
+  def label(self, slot: slots.Slot) -> str:
+    return slots.label(slot, self.slots)
 
   def fresh_state(self) -> dict[str, step_lib.TrainState]:
-    """Per hookpoint: seed-stacked init on the mesh, with b_dec set from that hookpoint's first batch."""
-    states = {}
-    for key, first_batch in zip(self.keys, self.source.batches_at(0)):
-      state = step_lib.create_state(self.arch, self.spec, self.tx, self.config.init_seeds, self.mesh)
-      states[key] = step_lib.set_b_dec(state, sae_lib.data_b_dec(first_batch, self.config.b_dec_init))
-    return states
-
-  def compiled_step(self) -> seed_groups.SeedGroupStep:
-    """The step of one hookpoint's seeds (shared by all hookpoints: they have the same shapes)."""
-    group_size = self.config.resolved_seed_group_size(self.mesh.devices.flat[0].platform)
-    seeds = len(self.config.init_seeds)
-    return seed_groups.make(self.arch, self.spec, self.tx, self.config.dead_tokens, seeds, group_size, self.mesh)
+    """Per slot (hookpoint and variant): seed-stacked init on the mesh, b_dec from its hookpoint's first batch."""
+    first = self.source.batches_at(0)
+    return {slot.key: slots.fresh_state(slot, first[slot.hookpoint_index], self.mesh) for slot in self.slots}
 
   def next_inputs(self) -> dict[str, jax.Array]:
-    return dict(zip(self.keys, self.source.next_batches()))
+    return slots.inputs(self.slots, self.source.next_batches())
+
+  def inputs_at(self, position: int) -> dict[str, jax.Array]:
+    return slots.inputs(self.slots, self.source.batches_at(position))
 
   def _initial_state(self, ckpt: checkpoint.Checkpointer) -> dict[str, step_lib.TrainState]:
     states = self.fresh_state()
@@ -143,8 +138,11 @@ class Trainer:
     """The run in one line: what trains, on what, for how long, and where it goes."""
     config, devices = self.config, self.mesh.devices
     hookpoints = ', '.join(self.hookpoints)
+    sae = config.arch
+    if self.variants[0].name:
+      sae = f'{len(self.variants)} variants ({" | ".join(plan.name for plan in self.variants)}) of {sae}'
     return (
-      f'{config.arch} x {len(config.init_seeds)} seeds ({console.seed_range(config.init_seeds)}), '
+      f'{sae} x {len(config.init_seeds)} seeds ({console.seed_range(config.init_seeds)}), '
       f'{config.num_latents:,} latents, k={config.k} on {hookpoints}: {config.num_tokens:,} tokens in '
       f'{config.num_steps:,} steps of {config.batch_size:,}, {devices.size} {devices.flat[0].platform} '
       f'device{"s" if devices.size > 1 else ""} -> {self.workdir}'
@@ -161,10 +159,9 @@ class Trainer:
       self.tracker = tracking.open_tracker(config, self.workdir)
       try:
         state = self._initial_state(ckpt)
-        train_step = self.compiled_step()
         start = int(state[self.keys[0]]['step'])
-        groups, step, preempted = self._loop(split(train_step, state), start, train_step, ckpt, stop)
-        state = merge(train_step, groups)
+        groups, step, preempted = self._loop(slots.split(self.slots, state), start, ckpt, stop)
+        state = slots.merge(self.slots, groups)
       finally:
         ckpt.close()
         self.tracker.send(self._durable)  # the last checkpoint is on disk now
@@ -177,7 +174,7 @@ class Trainer:
       self.tracker.close()
       return RunResult('completed', step, summary)
 
-  def _loop(self, groups, start, train_step, ckpt, stop):
+  def _loop(self, groups, start, ckpt, stop):
     config = self.config
     seeds = tuple(config.init_seeds)
     num_steps = config.num_steps
@@ -200,17 +197,17 @@ class Trainer:
       done_step, device_metrics = pending
       pending = None
       host = jax.device_get(device_metrics)
-      for key, hookpoint in zip(self.keys, self.hookpoints):
-        _check_finite(host[key], done_step, seeds, hookpoint if len(self.keys) > 1 else None)
-        latest[hookpoint] = '  '.join(f'{label} {np.mean(host[key][name]):{fmt}}' for label, name, fmt in _SHOWN)
+      for slot in self.slots:
+        _check_finite(host[slot.key], done_step, seeds, self.label(slot) if len(self.slots) > 1 else None)
+        latest[self.label(slot)] = '  '.join(f'{lb} {np.mean(host[slot.key][n]):{fmt}}' for lb, n, fmt in _SHOWN)
       bar.update(1)
       if done_step % config.log_every == 0 or done_step == num_steps:
-        for key, hookpoint in zip(self.keys, self.hookpoints):
-          self._log(done_step, hookpoint, host[key], time.time() - started, bar, start)
+        for slot in self.slots:
+          self._log(done_step, slot, host[slot.key], time.time() - started, bar, start)
 
     step = start
     while step < num_steps:
-      groups, device_metrics = step_all(train_step, groups, self.next_inputs())
+      groups, device_metrics = slots.step_all(self.slots, groups, self.next_inputs())
       step += 1
       drain()
       pending = (step, device_metrics)
@@ -218,7 +215,7 @@ class Trainer:
       preempted = stop.requested or ckpt.reached_preemption(step)
       if should_save or preempted:
         drain()
-        ckpt.save(step, merge(train_step, groups), self.source.state_dict())
+        ckpt.save(step, slots.merge(self.slots, groups), self.source.state_dict())
         # Saving waited for the previous checkpoint, so the records it covers are safe to send.
         self.tracker.send(self._durable)
         self._durable, self._unsaved = self._unsaved, []
@@ -231,14 +228,15 @@ class Trainer:
     bar.close()
     return groups, step, False
 
-  def _log(self, step: int, hookpoint: str, host: dict[str, np.ndarray], elapsed: float, bar, start: int) -> None:
+  def _log(self, step: int, slot: slots.Slot, host: dict[str, np.ndarray], elapsed: float, bar, start: int) -> None:
     """Appends the step's per-seed metrics to metrics.jsonl and shows their means on the bar."""
     record = {
       'step': step,
-      'hookpoint': hookpoint,
+      'hookpoint': slot.hookpoint,
+      **({'variant': slot.variant.name} if slot.variant.name else {}),
       'tokens': step * self.config.batch_size,
       **{name: np.asarray(host[name]).round(6).tolist() for name in PER_SEED_METRICS},
-      'lr': float(self.schedule(step - 1)),
+      'lr': float(slot.variant.schedule(step - 1)),
       'elapsed_s': round(elapsed, 3),
       'time': round(time.time(), 3),
     }
@@ -250,43 +248,53 @@ class Trainer:
     bar.set_postfix(fvu=f'{fvu:.4f}', l0=f'{l0:.1f}', dead=f'{dead:.3f}', tok_s=f'{tokens_per_s:,.0f}')
 
   def _finish(self, states) -> dict[str, Any]:
-    """Exports every seed of every hookpoint in both layouts and writes summary.json."""
+    """Exports every seed of every slot in both layouts and writes summary.json.
+
+    Without variants the summary holds the hookpoint's results at the top (or under 'hookpoints' when there
+    are several); with variants, that same block per variant under 'variants'.
+    """
     config = self.config
     records = self.metrics_log.read()
     summary: dict[str, Any] = {'step': int(states[self.keys[0]]['step']), 'seeds': list(config.init_seeds)}
-    per_hookpoint = {}
-    for key, hookpoint in zip(self.keys, self.hookpoints):
-      params = host_params(states[key]['params'])
-      last = [r for r in records if r.get('hookpoint', hookpoint) == hookpoint][-1:] or [{}]
-      per_hookpoint[hookpoint] = {
-        'final': last[0],
-        **self.source.final_report(params, self.spec, config.num_steps, hookpoint),
-      }
-      per_hookpoint[hookpoint]['seed_stats'] = run_folder.seed_stats(
-        run_folder.per_seed_metrics(per_hookpoint[hookpoint])
-      )
+    per_variant: dict[str, dict[str, Any]] = {plan.name: {} for plan in self.variants}
+    for slot in self.slots:
+      plan, hookpoint = slot.variant, slot.hookpoint
+      params = host_params(states[slot.key]['params'])
+      mine = [r for r in records if r.get('hookpoint', hookpoint) == hookpoint and r.get('variant', '') == plan.name]
+      section = {'final': mine[-1] if mine else {}}
+      section.update(self.source.final_report(params, plan.spec, config.num_steps, hookpoint))
+      section['seed_stats'] = run_folder.seed_stats(run_folder.per_seed_metrics(section))
+      per_variant[plan.name][hookpoint] = section
       if jax.process_index() == 0:
-        self._export(hookpoint, params)
-    if len(self.keys) == 1:
-      summary.update(per_hookpoint[self.hookpoints[0]])
+        self._export(slot, params)
+    blocks = {
+      name: sections[self.hookpoints[0]] if len(self.hookpoints) == 1 else {'hookpoints': sections}
+      for name, sections in per_variant.items()
+    }
+    if self.variants[0].name:
+      summary['variants'] = blocks
     else:
-      summary['hookpoints'] = per_hookpoint
+      summary.update(blocks[''])
     if jax.process_index() == 0:
       storage.write_json(storage.join(self.workdir, run_folder.SUMMARY), summary)
     return summary
 
-  def _export(self, hookpoint: str, params: dict[str, np.ndarray]) -> None:
-    config = self.config
+  def _export(self, slot: slots.Slot, params: dict[str, np.ndarray]) -> None:
+    config, hookpoint, variant = slot.variant.config, slot.hookpoint, slot.variant.name
     sizes = {'arch': config.arch, 'k': config.k, 'd_in': config.d_in, 'num_latents': config.num_latents}
     # What training alone needs, recorded with the export (inference does not use it).
     extra = (
-      {'matryoshka_widths': list(sae_lib.dense.matryoshka_widths(self.spec))} if config.arch == 'matryoshka' else None
+      {'matryoshka_widths': list(sae_lib.dense.matryoshka_widths(slot.variant.spec))}
+      if config.arch == 'matryoshka'
+      else None
     )
     for index, seed in enumerate(config.init_seeds):
       seed_params = {name: np.asarray(value[index]) for name, value in params.items()}
-      formats.save_eleuther(run_folder.sae_dir(self.workdir, hookpoint, seed), seed_params, **sizes, extra_cfg=extra)
+      formats.save_eleuther(
+        run_folder.sae_dir(self.workdir, hookpoint, seed, variant=variant), seed_params, **sizes, extra_cfg=extra
+      )
       formats.save_saelens(
-        run_folder.sae_dir(self.workdir, hookpoint, seed, 'saelens'),
+        run_folder.sae_dir(self.workdir, hookpoint, seed, 'saelens', variant=variant),
         seed_params,
         hook_name=hookpoint,
         **sizes,
@@ -294,39 +302,24 @@ class Trainer:
       )
 
 
-def split(train_step: seed_groups.SeedGroupStep, states: dict) -> dict:
-  return {key: train_step.split(state) for key, state in states.items()}
-
-
-def merge(train_step: seed_groups.SeedGroupStep, groups: dict) -> dict:
-  return {key: train_step.merge(state_groups) for key, state_groups in groups.items()}
-
-
-def step_all(train_step: seed_groups.SeedGroupStep, groups: dict, inputs: dict) -> tuple[dict, dict]:
-  """One step of every hookpoint's seeds: (groups, metrics), keyed by hookpoint key."""
-  outs = {key: train_step(groups[key], inputs[key]) for key in groups}
-  return {key: out[0] for key, out in outs.items()}, {key: out[1] for key, out in outs.items()}
-
-
 @dataclasses.dataclass
 class Stepper:
   """`stepper(trainer)(groups, inputs) -> (groups, metrics)`: the trainer's step for benchmarks and notebooks."""
 
   trainer: Trainer
-  train_step: seed_groups.SeedGroupStep
 
   def fresh(self) -> dict:
-    return split(self.train_step, self.trainer.fresh_state())
+    return slots.split(self.trainer.slots, self.trainer.fresh_state())
 
   def __call__(self, groups: dict, inputs: dict) -> tuple[dict, dict]:
-    return step_all(self.train_step, groups, inputs)
+    return slots.step_all(self.trainer.slots, groups, inputs)
 
   def stacked(self, groups: dict) -> dict:
-    return merge(self.train_step, groups)
+    return slots.merge(self.trainer.slots, groups)
 
 
 def stepper(trainer: Trainer) -> Stepper:
-  return Stepper(trainer, trainer.compiled_step())
+  return Stepper(trainer)
 
 
 def host_params(params: dict[str, jax.Array]) -> dict[str, np.ndarray]:
@@ -344,7 +337,11 @@ def train(config: TrainConfig, workdir: str) -> RunResult:
 def train_in_memory(
   config: TrainConfig, mesh: jax.sharding.Mesh | None = None, num_steps: int | None = None
 ) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
-  """Trains without touching disk (for notebooks and tests): returns host params [S, ...] and per-step metrics."""
+  """Trains without touching disk (for notebooks and tests): returns host params [S, ...] and per-step metrics.
+
+  With several hookpoints or variants both come keyed by slot label (`slots.label`: the hookpoint, the variant,
+  or `hookpoint/variant`).
+  """
   trainer = Trainer(config, workdir='', mesh=mesh)
   step = stepper(trainer)
   groups = step.fresh()
@@ -353,8 +350,9 @@ def train_in_memory(
     groups, metrics = step(groups, trainer.next_inputs())
     history.append(jax.device_get(metrics))
   states = step.stacked(groups)
-  params = {hp: jax.device_get(states[key]['params']) for key, hp in zip(trainer.keys, trainer.hookpoints)}
-  per_hookpoint_history = {hp: [h[key] for h in history] for key, hp in zip(trainer.keys, trainer.hookpoints)}
+  labels = {slot.key: trainer.label(slot) for slot in trainer.slots}
+  params = {labels[key]: jax.device_get(states[key]['params']) for key in trainer.keys}
+  per_slot_history = {labels[key]: [h[key] for h in history] for key in trainer.keys}
   if len(trainer.keys) == 1:
-    return params[trainer.hookpoints[0]], per_hookpoint_history[trainer.hookpoints[0]]
-  return params, per_hookpoint_history
+    return params[labels[trainer.keys[0]]], per_slot_history[labels[trainer.keys[0]]]
+  return params, per_slot_history

@@ -1,0 +1,120 @@
+"""Variants: several settings train beside the seeds in one step, each bitwise the setting trained alone, each
+exported, aligned and plotted as if it were its own run."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from saejax import formats, variants
+from saejax.train import run_folder
+from saejax.train.trainer import train_in_memory
+from tests.test_training import LONG, SINGLE
+from tests.tiny_lm import run_cli
+
+BASE = dataclasses.replace(LONG, init_seeds=(3, 0))  # 500 steps of test_training's tiny synthetic SAE
+
+
+def test_variant_spellings_name_their_settings():
+  def names(text, **base):
+    return [(v.name, v.overrides) for v in variants.parse(dataclasses.replace(BASE, variants=text, **base))]
+
+  three = [('k=16', (('k', 16),)), ('k=32', (('k', 32),)), ('k=64', (('k', 64),))]
+  assert names('k=16,32,64', num_latents=128) == three
+  assert [n for n, _ in names('k=8,16;lr=1e-4,3e-4')] == ['k=8,lr=1e-4', 'k=8,lr=3e-4', 'k=16,lr=1e-4', 'k=16,lr=3e-4']
+  assert names('arch=topk|arch=relu,l1_coefficient=3') == [
+    ('arch=topk', (('arch', 'topk'),)),
+    ('arch=relu,l1_coefficient=3', (('arch', 'relu'), ('l1_coefficient', 3.0))),
+  ]
+  assert names('auxk=true') == [('auxk=true', (('auxk', True),))]
+  assert names('') == []
+  resolved = dict(variants.resolve(dataclasses.replace(BASE, variants='num_latents=32,128')))
+  assert resolved['num_latents=32'].num_latents == 32 and resolved['num_latents=128'].variants == ''
+
+
+@pytest.mark.parametrize(
+  'text,message',
+  [
+    ('batch_size=128,256', "'batch_size' cannot vary within one run"),
+    ('hookpoint=a,b', "'hookpoint' cannot vary"),
+    ('k=4,many', "k='many' is not a valid int"),
+    ('k', 'is not field=v1,v2'),
+    ('k=4;k=8', 'names a field twice'),
+    ('k=4|k=4', 'appear more than once'),
+    ('k=4,128', 'variant k=128: k=128 must be in'),
+    ('arch=sparse', "variant arch=sparse: arch='sparse' is unknown"),
+  ],
+)
+def test_bad_variants_are_one_line_that_says_what_to_change(text, message):
+  with pytest.raises(ValueError, match=message) as error:
+    dataclasses.replace(BASE, variants=text).validate()
+  assert '\n' not in str(error.value)
+
+
+# A value-only variant (k), a shape-changing one (width) and another architecture, beside each other.
+AMONG = 'k=2|k=8|num_latents=32|arch=relu,l1_coefficient=0.5'
+
+
+def test_a_variant_among_others_is_bitwise_the_setting_trained_alone():
+  among, among_history = train_in_memory(dataclasses.replace(BASE, variants=AMONG), SINGLE)
+  assert list(among) == ['k=2', 'k=8', 'num_latents=32', 'arch=relu,l1_coefficient=0.5']
+  for name, own in variants.resolve(dataclasses.replace(BASE, variants=AMONG))[1:]:
+    alone, alone_history = train_in_memory(own, SINGLE)
+    assert len(alone_history) == 500
+    for field in alone:
+      np.testing.assert_array_equal(among[name][field], alone[field], err_msg=f'{name} {field}')
+    np.testing.assert_array_equal([h['fvu'] for h in among_history[name]], [h['fvu'] for h in alone_history])
+  # The variants really are different SAEs: k shows in L0, width in the shapes.
+  assert np.mean(among_history['k=2'][-1]['l0']) <= 2 < np.mean(among_history['k=8'][-1]['l0'])
+  assert among['num_latents=32']['W_dec'].shape == (2, 32, 16) and among['k=8']['W_dec'].shape == (2, 64, 16)
+
+
+TINY_CLI = [
+  '--config=synthetic',
+  '--config.d_in=16',
+  '--config.num_features=48',
+  '--config.num_latents=64',
+  '--config.k=4',
+  '--config.batch_size=256',
+  '--config.num_tokens=10240',
+  '--config.init_seeds=0,1',
+  '--config.warmup_steps=2',
+  '--config.checkpoint_every=20',
+]
+
+
+def test_variants_export_align_and_report_as_their_own_runs(tmp_path):
+  workdir = tmp_path / 'run'
+  trained = run_cli('experiments.train', *TINY_CLI, f'--workdir={workdir}', '--config.variants=k=2,8')
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  assert '2 variants (k=2 | k=8)' in trained.stderr and '<hookpoint>/<variant>/seed<N>/' in trained.stderr
+  for variant, k in (('k=2', 2), ('k=8', 8)):
+    for seed in (0, 1):
+      params, cfg = formats.load_sae(str(workdir / 'saes' / 'synthetic' / variant / f'seed{seed}'))
+      lens = json.loads((workdir / 'saelens' / 'synthetic' / variant / f'seed{seed}' / 'cfg.json').read_text())
+      assert cfg['k'] == k and lens['d_sae'] == 64 and params['W_dec'].shape == (64, 16)
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert sorted(summary['variants']) == ['k=2', 'k=8']
+  assert summary['variants']['k=2']['final']['l0'] == [2.0, 2.0]
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert {r['variant'] for r in records} == {'k=2', 'k=8'} and len(records) == 2  # the last step, per variant
+  with pytest.raises(ValueError, match='several variants'):
+    run_folder.exported_sae_dirs(str(workdir))
+  assert run_folder.read_seed_stats(str(workdir), variant='k=8')['l0']['mean'] == 8.0
+
+  one = run_cli('experiments.align', f'--workdir={workdir}', '--variant=k=8', '--firing_tokens=2560')
+  assert one.returncode == 0, one.stderr[-3000:]
+  aligned = json.loads((workdir / 'alignment' / 'k=8' / 'summary.json').read_text())
+  assert [(p['a'], p['b']) for p in aligned['pairs']] == [('seed0', 'seed1')]
+  assert not (workdir / 'alignment' / 'k=2').exists()
+  every = run_cli('experiments.align', f'--workdir={workdir}', '--firing_tokens=0')
+  assert every.returncode == 0 and (workdir / 'alignment' / 'k=2' / 'summary.json').exists()
+  unknown = run_cli('experiments.align', f'--workdir={workdir}', '--variant=k=5')
+  assert unknown.returncode == 2 and unknown.stderr.count('\n') == 1 and 'choose one of k=2, k=8' in unknown.stderr
+
+
+def test_a_variant_that_cannot_share_the_step_is_refused_at_the_command_line(tmp_path):
+  result = run_cli('experiments.train', *TINY_CLI, f'--workdir={tmp_path / "run"}', '--config.variants=d_in=8,16')
+  assert result.returncode == 2 and result.stderr.count('error:') == 1 and "'d_in' cannot vary" in result.stderr
+  assert not (tmp_path / 'run').exists()
