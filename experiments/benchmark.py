@@ -5,6 +5,7 @@
   python -m experiments.benchmark lm --rows=2 --seeds=1,9 --num_latents=32768
   python -m experiments.benchmark smollm2   # SmolLM2 GGUF vs transformers+torch, cache write/read, train from cache
   python -m experiments.benchmark compile   # XLA compile time: the paper-size step, a 32-layer Llama 3 8B forward
+  python -m experiments.benchmark variants  # Fig. 4's k and width sweeps: one run of three variants vs three runs
 
 `train` times the full jitted step (all seeds) next to the unavoidable encoder product [B,d] x [d,M] for one
 seed, measured in the same process with the same dtype, and EleutherAI sparsify's own step at the same shapes
@@ -27,6 +28,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import bench_smollm2 as bench_smollm2_lib
+from experiments import bench_variants as bench_variants_lib
 from experiments.cli import parse_flags
 from saejax import sharding as shd
 from saejax.config import TrainConfig
@@ -366,6 +368,7 @@ BENCHES = {
   'lm': bench_lm,
   'smollm2': bench_smollm2,
   'compile': bench_compile,
+  'variants': lambda: bench_variants_lib.run(machine()),
 }
 
 

@@ -17,6 +17,8 @@ transformers, torch, scipy, tqdm), plus a cp312 `lapjv` wheel; `--gguf` also nee
 3. `full_step`: the Pythia forward to layers.6.mlp plus nine bf16 SAEs per batch, and the paper's run
    (9 x 32K latents, 8B tokens) extrapolated in hours.
 4. `align`: one encoder and one decoder matching of a planted 32,768 pair and of a 131,072 pair.
+5. `variants_step`: Fig. 4's k sweep (k/2, k, 2k at M/4 latents, bf16) as the trainer runs variants now, one
+   group of three seeds per k, against what a masked top-k (one vmapped group at the largest k) would cost.
 """
 
 from __future__ import annotations
@@ -175,6 +177,27 @@ def sae_step(sizes: Sizes, num_seeds: int, sae_dtype: str, topk_kernel: str, pla
   }
 
 
+def variants_step(sizes: Sizes, platform: str) -> dict:
+  """Per-k group steps of Fig. 4's k sweep, and the floor of a masked top-k over the same three settings.
+
+  Variants run as one seed-group step each (saejax/train/slots.py). With S seeds per variant the k sweep is then
+  3 x ceil(S / g) calls at their own k; a masked top-k would be ceil(3S / g) calls at the largest k. With full
+  groups the per-k calls cost no more; with S < g (a padded group per variant) the masked floor can be lower.
+  """
+  ks = (sizes.k // 2, sizes.k, 2 * sizes.k)
+  narrow = dataclasses.replace(sizes, num_latents=sizes.num_latents // 4)
+  group = tuning.ACCELERATOR_SEED_GROUP
+  by_k = {k: sae_step(dataclasses.replace(narrow, k=k), group, 'bfloat16', 'sparse', platform)['step_s'] for k in ks}
+  return {
+    'num_latents': narrow.num_latents,
+    'seeds_per_group': group,
+    'group_step_s_by_k': {str(k): v for k, v in by_k.items()},
+    'per_k_groups_s': sig(sum(by_k.values())),  # one full group per k: S = g seeds of each variant
+    'masked_floor_full_groups_s': sig(len(ks) * by_k[ks[-1]]),  # the same 3g members at the largest k
+    'masked_floor_one_seed_s': sig(by_k[ks[-1]]),  # S = 1: one group holds the three variants
+  }
+
+
 def lm_params(sizes: Sizes, name: str, gguf_path: str | None):
   if gguf_path and name == 'smollm2-135m':
     from saejax.models import gguf
@@ -326,6 +349,7 @@ def main(argv=None) -> int:
   report.run('full_step', {'model': 'pythia', 'hookpoint': sizes.pythia_layer}, full_step, sizes, platform)
   for n in sizes.align_ns:
     report.run('align', {'n': n}, align_pair, sizes, n)
+  report.run('variants_step', {'sweep': 'k'}, variants_step, sizes, platform)
   report.emit({'measure': 'done'})
   return 0
 

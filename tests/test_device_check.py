@@ -51,6 +51,11 @@ def test_dry_run_prints_every_measurement_as_json(tmp_path):
   assert 0 < full['lm_share'] < 1 and full['paper_run_hours'] > 0
   aligns = [line for line in lines if line['measure'] == 'align']
   assert [a['n'] for a in aligns] == [256, 512] and all(a['certified'] for a in aligns)
+  (variants,) = [line for line in lines if line['measure'] == 'variants_step']
+  by_k = variants['group_step_s_by_k']
+  assert list(by_k) == ['2', '4', '8'] and variants['num_latents'] == 64
+  assert math.isclose(variants['per_k_groups_s'], sum(by_k.values()), rel_tol=1e-3)
+  assert math.isclose(variants['masked_floor_full_groups_s'], 3 * by_k['8'], rel_tol=1e-3)
 
 
 def test_past_the_budget_measurements_are_skipped_not_lost():
