@@ -348,8 +348,8 @@ def bench_compile() -> None:
     source='synthetic', d_in=768, num_latents=32768, k=32, batch_size=batch, num_tokens=batch * 4000,
     init_seeds=tuple(range(9)),
   )  # fmt: skip
-  step_fn, init_fn, x_struct = export.train_step_parts(step_config, jax.default_backend())
-  cases = [('paper step (S=9, M=32768, k=32, 32x2049 tokens)', step_fn, (jax.eval_shape(init_fn), x_struct))]
+  step_fn, init_fn, x_struct, hparams = export.train_step_parts(step_config, jax.default_backend())
+  cases = [('paper step (S=9, M=32768, k=32, 32x2049 tokens)', step_fn, (jax.eval_shape(init_fn), x_struct, hparams))]
   llama = shapes.PRESETS['llama3-8b']
   forward = export.lm_forward_fn(llama, jax.default_backend(), 'bfloat16', stop_layer=None)
   tokens = jax.ShapeDtypeStruct((1, 2049), jnp.int32)

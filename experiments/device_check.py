@@ -148,7 +148,8 @@ def grouped_step(config: TrainConfig):
   step = seed_groups.from_config(config, mesh)
   groups = step.split(step.create_state(config.init_seeds))
   x_struct = jax.ShapeDtypeStruct((config.batch_size, config.d_in), jnp.float32)
-  analysis = step.compiled(groups[0]).lower(groups[0], x_struct).compile().memory_analysis()
+  lowered = step.compiled(groups[0]).lower(groups[0], x_struct, step.group_hparams(0))
+  analysis = lowered.compile().memory_analysis()
   return step, groups, getattr(analysis, 'temp_size_in_bytes', None)
 
 

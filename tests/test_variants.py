@@ -9,6 +9,7 @@ import pytest
 
 from saejax import formats, variants
 from saejax.train import run_folder
+from saejax.train import trainer as trainer_lib
 from saejax.train.trainer import train_in_memory
 from tests.test_training import LONG, SINGLE
 from tests.tiny_lm import run_cli
@@ -52,22 +53,37 @@ def test_bad_variants_are_one_line_that_says_what_to_change(text, message):
   assert '\n' not in str(error.value)
 
 
-# A value-only variant (k), a shape-changing one (width) and another architecture, beside each other.
-AMONG = 'k=2|k=8|num_latents=32|arch=relu,l1_coefficient=0.5'
+# Variants of their own programs (k, width, architecture) and variants that share one (the lr and L1 values are
+# inputs of the step, so `k=8` and `k=8,lr=3e-3` are one family, as are the two ReLU coefficients).
+AMONG = 'k=2|k=8|k=8,lr=3e-3|num_latents=32|arch=relu,l1_coefficient=0.5|arch=relu,l1_coefficient=0.1'
+FAMILIES = ['k=2', 'k=8 k=8,lr=3e-3', 'num_latents=32', 'arch=relu,l1_coefficient=0.5 arch=relu,l1_coefficient=0.1']
 
 
-def test_a_variant_among_others_is_bitwise_the_setting_trained_alone():
-  among, among_history = train_in_memory(dataclasses.replace(BASE, variants=AMONG), SINGLE)
-  assert list(among) == ['k=2', 'k=8', 'num_latents=32', 'arch=relu,l1_coefficient=0.5']
-  for name, own in variants.resolve(dataclasses.replace(BASE, variants=AMONG))[1:]:
+@pytest.mark.parametrize(
+  'among,group',
+  [(AMONG, -1), ('k=8|k=8,lr=3e-3|arch=relu,l1_coefficient=0.5|arch=relu,l1_coefficient=0.1', 3)],
+)
+def test_a_variant_among_others_is_bitwise_the_setting_trained_alone(among, group):
+  """Alone, a setting's two seeds fill a group of three with one pad; among its family they share groups with
+  another variant's seeds, at other positions. Either way each member's SAE is bitwise the same."""
+  config = dataclasses.replace(BASE, variants=among, seed_group_size=group)
+  families = trainer_lib.Trainer(config, workdir='', mesh=SINGLE).families
+  assert [' '.join(p.name for p in f.variants) for f in families] == [f for f in FAMILIES if f.split()[0] in among]
+  trained, trained_history = train_in_memory(config, SINGLE)
+  assert list(trained) == among.split('|')
+  for name, own in variants.resolve(config):
     alone, alone_history = train_in_memory(own, SINGLE)
     assert len(alone_history) == 500
     for field in alone:
-      np.testing.assert_array_equal(among[name][field], alone[field], err_msg=f'{name} {field}')
-    np.testing.assert_array_equal([h['fvu'] for h in among_history[name]], [h['fvu'] for h in alone_history])
-  # The variants really are different SAEs: k shows in L0, width in the shapes.
-  assert np.mean(among_history['k=2'][-1]['l0']) <= 2 < np.mean(among_history['k=8'][-1]['l0'])
-  assert among['num_latents=32']['W_dec'].shape == (2, 32, 16) and among['k=8']['W_dec'].shape == (2, 64, 16)
+      np.testing.assert_array_equal(trained[name][field], alone[field], err_msg=f'{name} {field}')
+    np.testing.assert_array_equal([h['fvu'] for h in trained_history[name]], [h['fvu'] for h in alone_history])
+  # The variants really are different SAEs: k shows in L0, the rate and the L1 coefficient in the weights.
+  assert not np.allclose(trained['k=8']['W_enc'], trained['k=8,lr=3e-3']['W_enc'], atol=1e-3)
+  relu = [trained[f'arch=relu,l1_coefficient={c}'] for c in ('0.5', '0.1')]
+  assert not np.allclose(relu[0]['W_enc'], relu[1]['W_enc'], atol=1e-3)
+  if 'k=2' in trained:
+    assert np.mean(trained_history['k=2'][-1]['l0']) <= 2 < np.mean(trained_history['k=8'][-1]['l0'])
+    assert trained['num_latents=32']['W_dec'].shape == (2, 32, 16) and trained['k=8']['W_dec'].shape == (2, 64, 16)
 
 
 TINY_CLI = [

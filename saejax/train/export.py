@@ -33,22 +33,23 @@ _CUDNN_CALLS = ('__cudnn$fmhaSoftmax', '__cudnn$fmhaSoftmaxBackward')
 
 
 def train_step_parts(config: TrainConfig, platform: str):
-  """`(group_step, init_fn, x_struct)` for `config` on `platform` ('cpu', 'gpu', 'tpu'): the pure step
-  `(state, x_BxD) -> (state, metrics)` of one seed group (what each call runs; saejax.train.seed_groups), the
-  function making a fresh group state, and the batch's shape."""
+  """`(group_step, init_fn, x_struct, hparams_struct)` for `config` on `platform` ('cpu', 'gpu', 'tpu'): the pure
+  step `(state, x_BxD, hparams) -> (state, metrics)` of one seed group (what each call runs;
+  saejax.train.seed_groups), the function making a fresh group state, the batch's shape and the members' hparams'."""
   arch = sae_lib.get(config.arch)
   spec = sae_lib.SaeSpec.from_config(config, platform=platform)
   tx, _ = optimizer.make_optimizer(config)
   group_step = step_lib.make_group_step(arch, spec, tx, config.dead_tokens)
   group_size = config.resolved_seed_group_size(platform) or len(config.init_seeds)
   init_fn = functools.partial(step_lib.init_state, arch, spec, tx, tuple(range(group_size)))
-  return group_step, init_fn, jax.ShapeDtypeStruct((config.batch_size, config.d_in), jnp.float32)
+  hparams = {name: jax.ShapeDtypeStruct((group_size,), jnp.float32) for name in step_lib.HPARAMS}
+  return group_step, init_fn, jax.ShapeDtypeStruct((config.batch_size, config.d_in), jnp.float32), hparams
 
 
 def export_train_step(config: TrainConfig, platform: str) -> jax.export.Exported:
   """`config`'s group step exported for `platform` ('cuda', 'tpu', 'cpu')."""
-  step_fn, init_fn, x_struct = train_step_parts(config, TUNING_PLATFORM[platform])
-  return jax.export.export(jax.jit(step_fn), platforms=[platform])(jax.eval_shape(init_fn), x_struct)
+  step_fn, init_fn, x_struct, hparams = train_step_parts(config, TUNING_PLATFORM[platform])
+  return jax.export.export(jax.jit(step_fn), platforms=[platform])(jax.eval_shape(init_fn), x_struct, hparams)
 
 
 def lm_forward_fn(cfg: ModelConfig, platform: str, dtype: str, stop_layer: int | None = None, attention=None):

@@ -45,10 +45,16 @@ def project_decoder_gradient() -> optax.GradientTransformation:
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  schedule = lr_schedule(config.learning_rate, config.warmup_steps, config.num_steps)
+  """(tx at a peak rate of 1, the run's learning-rate schedule for logging).
+
+  The train step scales each SAE's update by its own peak rate (saejax.train.step.member_hparams), so variants
+  that differ only in the rate share one optimiser and one compiled step.
+  """
+  unit = lr_schedule(1.0, config.warmup_steps, config.num_steps)
   tx = optax.chain(
     optax.clip_by_global_norm(config.grad_clip),
     project_decoder_gradient(),
-    optax.adam(schedule, b1=0.9, b2=0.999, eps=1e-8),
+    optax.adam(unit, b1=0.9, b2=0.999, eps=1e-8),
   )
-  return tx, schedule
+  peak = config.learning_rate
+  return tx, lambda step: peak * unit(step)

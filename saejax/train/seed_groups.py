@@ -9,6 +9,10 @@ program a seed runs in is then the same for S = 1, 4 or 9, and its SAE is bitwis
 
 Between steps the trainer keeps the state as its groups (`split`); checkpoints, exports and callers see the
 seed-stacked layout (`merge`), so nothing outside this module knows about groups.
+
+The stacked axis holds members: the seeds of one setting, or, for variants that differ only in the learning rate
+or L1 coefficient (saejax.train.slots), every seed of each of them; each member brings its own values of those
+(`hparams`, saejax.train.step.member_hparams), which the groups take with them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from saejax import sae as sae_lib
@@ -36,18 +41,20 @@ def _seed_axis(tree, fn):
 
 @dataclasses.dataclass
 class SeedGroupStep:
-  """`(groups, x_BxD) -> (groups, metrics [S])` for one hookpoint's S seeds, in ceil(S / g) calls."""
+  """`(groups, x_BxD) -> (groups, metrics [S])` for one hookpoint's S seeds (members), in ceil(S / g) calls."""
 
-  group_step: Callable  # the pure step of g vmapped seeds: (state [g, ...], x_BxD) -> (state, metrics [g])
+  group_step: Callable  # the pure step of g vmapped seeds: (state [g, ...], x_BxD, hparams [g]) -> (state, metrics)
   num_seeds: int
   group_size: int
   mesh: Mesh
   num_latents: int
   create_state: Callable  # init_seeds -> the seed-stacked fresh state on the mesh
+  hparams: dict[str, np.ndarray]  # [S] per member: its learning rate and L1 coefficient
 
   def __post_init__(self):
     self.num_groups = -(-self.num_seeds // self.group_size)
     self._jitted = self._merge = None  # compiled on first use, then reused (merge runs at every checkpoint)
+    self._group_hparams = None
 
   def _indices(self, group: int) -> jax.Array:
     start = group * self.group_size
@@ -90,19 +97,28 @@ class SeedGroupStep:
       shardings = shd.state_shardings(self.mesh, group, self.num_latents)
       self._jitted = jax.jit(
         self.group_step,
-        in_shardings=(shardings, shd.batch_sharding(self.mesh)),
+        in_shardings=(shardings, shd.batch_sharding(self.mesh), shd.replicated(self.mesh)),
         out_shardings=(shardings, shd.replicated(self.mesh)),
         donate_argnums=0,
       )
+      place = jax.jit(lambda values: values, out_shardings=shd.replicated(self.mesh))
+      self._group_hparams = [
+        place({name: values[np.asarray(self._indices(group))] for name, values in self.hparams.items()})
+        for group in range(self.num_groups)
+      ]
       self._merge_metrics = jax.jit(
         lambda parts: jax.tree.map(lambda *m: jnp.concatenate(m)[: self.num_seeds], *parts),
         out_shardings=shd.replicated(self.mesh),
       )
     return self._jitted
 
+  def group_hparams(self, group: int) -> dict[str, jax.Array]:
+    """Group `group`'s [g] learning rates and L1 coefficients on the mesh (available once compiled)."""
+    return self._group_hparams[group]
+
   def __call__(self, groups: Groups, x_BxD: jax.Array) -> tuple[Groups, dict]:
     step = self.compiled(groups[0])
-    outs = [step(group, x_BxD) for group in groups]
+    outs = [step(group, x_BxD, self.group_hparams(index)) for index, group in enumerate(groups)]
     metrics = self._merge_metrics([m for _, m in outs])
     return [g for g, _ in outs], metrics
 
@@ -113,12 +129,14 @@ def from_config(config, mesh: Mesh) -> SeedGroupStep:
   spec = sae_lib.SaeSpec.from_config(config, latent_shards=mesh.shape[shd.MODEL], platform=platform)
   tx, _ = optimizer.make_optimizer(config)
   group_size = config.resolved_seed_group_size(platform)
-  return make(sae_lib.get(config.arch), spec, tx, config.dead_tokens, len(config.init_seeds), group_size, mesh)
+  hparams = step_lib.member_hparams([config] * len(config.init_seeds))
+  return make(sae_lib.get(config.arch), spec, tx, config.dead_tokens, hparams, group_size, mesh)
 
 
-def make(arch, spec, tx, dead_tokens: int, num_seeds: int, group_size: int, mesh: Mesh) -> SeedGroupStep:
-  """The grouped step of `num_seeds` seeds; `group_size` 0 means one group of all seeds."""
+def make(arch, spec, tx, dead_tokens: int, hparams: dict[str, np.ndarray], group_size: int, mesh: Mesh):
+  """The grouped step of the members whose `hparams` are given ([S] each); `group_size` 0 means one group of all."""
+  num_seeds = len(hparams['lr'])
   group_size = num_seeds if group_size <= 0 else group_size
   group_step = step_lib.make_group_step(arch, spec, tx, dead_tokens)
   create = functools.partial(step_lib.create_state, arch, spec, tx, mesh=mesh)
-  return SeedGroupStep(group_step, num_seeds, group_size, mesh, spec.num_latents, create)
+  return SeedGroupStep(group_step, num_seeds, group_size, mesh, spec.num_latents, create, hparams)

@@ -3,10 +3,15 @@
 The step is written for one SAE and vmapped over the leading seed axis with the batch broadcast
 (`in_axes=None`), so the shared activations are never copied per seed and seeds never interact: each has
 its own clipping, Adam moments and dead-latent counter. saejax.train.seed_groups compiles and runs it.
+
+The learning rate and the L1 coefficient are inputs of the step, one value per member of the group
+(`member_hparams`), not constants compiled into it: variants that differ only in them (saejax.variants) share one
+compiled step and fill its groups, and a setting runs the same program whatever its values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +27,16 @@ from saejax import sharding as shd
 TrainState = dict[str, Any]
 # Counters saturate instead of wrapping: a never-firing latent at 8B tokens overflows int32.
 _COUNTER_CAP = np.iinfo(np.int32).max
+# The per-member values a group step takes as inputs: each member's peak learning rate and L1 coefficient.
+HPARAMS = ('lr', 'l1_coefficient')
+
+
+def member_hparams(configs: Sequence[Any]) -> dict[str, np.ndarray]:
+  """{name: [M] float32}: the HPARAMS of each member's config (one config per member, in member order)."""
+  return {
+    'lr': np.asarray([c.learning_rate for c in configs], np.float32),
+    'l1_coefficient': np.asarray([c.l1_coefficient for c in configs], np.float32),
+  }
 
 
 def seed_keys(init_seeds: Sequence[int]) -> jax.Array:
@@ -75,17 +90,21 @@ def set_b_dec(state: TrainState, b_dec_D: jax.Array) -> TrainState:
 def make_group_step(
   arch: sae_lib.Architecture, spec: sae_lib.SaeSpec, tx: optax.GradientTransformation, dead_tokens: int
 ) -> Callable[[TrainState, jax.Array], tuple]:
-  """Returns the pure step `(state, x_BxD) -> (state, metrics)` of the g seeds stacked in `state`.
+  """Returns the pure step `(state, x_BxD, hparams) -> (state, metrics)` of the g seeds stacked in `state`.
 
-  Metrics hold one value per seed. The seeds never interact, and saejax.train.seed_groups runs S seeds as calls
-  of this step on fixed-size groups, so a seed's result does not depend on S.
+  `hparams` holds [g] values of each HPARAMS name; `tx` is the optimiser at a peak rate of 1 (its schedule's
+  shape only), and each member's update is scaled by its own rate. Metrics hold one value per seed. The seeds
+  never interact, and saejax.train.seed_groups runs S seeds as calls of this step on fixed-size groups, so a seed's
+  result does not depend on S.
   """
 
-  def seed_step(params, opt_state, since_fired_F, x_BxD):
+  def seed_step(params, opt_state, since_fired_F, x_BxD, hparams):
     dead_F = since_fired_F >= dead_tokens
-    (loss, aux), grads = jax.value_and_grad(arch.loss, has_aux=True)(params, x_BxD, dead_F, spec)
+    own = dataclasses.replace(spec, l1_coefficient=hparams['l1_coefficient'])
+    (loss, aux), grads = jax.value_and_grad(arch.loss, has_aux=True)(params, x_BxD, dead_F, own)
     updates, opt_state = tx.update(grads, opt_state, params)
-    params = arch.post_update(optax.apply_updates(params, updates), aux, spec)
+    updates = jax.tree.map(lambda update: hparams['lr'] * update, updates)
+    params = arch.post_update(optax.apply_updates(params, updates), aux, own)
     num_tokens = x_BxD.shape[0]
     since_fired_F = jnp.where(aux['fired_F'], 0, jnp.minimum(since_fired_F, _COUNTER_CAP - num_tokens) + num_tokens)
     metrics = {
@@ -98,11 +117,11 @@ def make_group_step(
     }
     return params, opt_state, since_fired_F, metrics
 
-  seeds_step = jax.vmap(seed_step, in_axes=(0, 0, 0, None))
+  seeds_step = jax.vmap(seed_step, in_axes=(0, 0, 0, None, 0))
 
-  def group_step(state: TrainState, x_BxD: jax.Array) -> tuple[TrainState, dict]:
+  def group_step(state: TrainState, x_BxD: jax.Array, hparams: dict[str, jax.Array]) -> tuple[TrainState, dict]:
     params, opt_state, since_fired, metrics = seeds_step(
-      state['params'], state['opt_state'], state['tokens_since_fired'], x_BxD
+      state['params'], state['opt_state'], state['tokens_since_fired'], x_BxD, hparams
     )
     new_state = {'params': params, 'opt_state': opt_state, 'tokens_since_fired': since_fired, 'step': state['step'] + 1}
     return new_state, metrics

@@ -91,8 +91,10 @@ class Trainer:
     self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh_data, config.mesh_model)
     shd.check_batch_divisible(self.mesh, config.batch_size)
     self.source = data.make_source(config, shd.batch_sharding(self.mesh))
-    self.variants = slots.plans(config, self.mesh)
-    self.slots = slots.make(self.hookpoints, self.variants)
+    self.families = slots.families(config, self.mesh)
+    self.variants = [plan for family in self.families for plan in family.variants]
+    self.slots = slots.make(self.hookpoints, self.families)
+    self.views = slots.views(self.slots)  # every (hookpoint, variant): what is logged, checked and exported
     self.metrics_log = run_folder.MetricsLog(workdir)
     self.tracker = tracking.Tracker()
     # Records for the tracker: those the last saved checkpoint covers, and those after it (tracking.py says why).
@@ -107,11 +109,11 @@ class Trainer:
   def keys(self) -> list[str]:
     return [slot.key for slot in self.slots]
 
-  def label(self, slot: slots.Slot) -> str:
-    return slots.label(slot, self.slots)
+  def label(self, view: slots.View) -> str:
+    return slots.label(view, self.views)
 
   def fresh_state(self) -> dict[str, step_lib.TrainState]:
-    """Per slot (hookpoint and variant): seed-stacked init on the mesh, b_dec from its hookpoint's first batch."""
+    """Per slot (hookpoint and family): stacked init on the mesh, b_dec from its hookpoint's first batch."""
     first = self.source.batches_at(0)
     return {slot.key: slots.fresh_state(slot, first[slot.hookpoint_index], self.mesh) for slot in self.slots}
 
@@ -197,13 +199,13 @@ class Trainer:
       done_step, device_metrics = pending
       pending = None
       host = jax.device_get(device_metrics)
-      for slot in self.slots:
-        _check_finite(host[slot.key], done_step, seeds, self.label(slot) if len(self.slots) > 1 else None)
-        latest[self.label(slot)] = '  '.join(f'{lb} {np.mean(host[slot.key][n]):{fmt}}' for lb, n, fmt in _SHOWN)
+      for view in self.views:
+        mine = {name: values[view.members] for name, values in host[view.slot.key].items()}
+        _check_finite(mine, done_step, seeds, self.label(view) if len(self.views) > 1 else None)
+        latest[self.label(view)] = '  '.join(f'{lb} {np.mean(mine[n]):{fmt}}' for lb, n, fmt in _SHOWN)
+        if done_step % config.log_every == 0 or done_step == num_steps:
+          self._log(done_step, view, mine, time.time() - started, bar, start)
       bar.update(1)
-      if done_step % config.log_every == 0 or done_step == num_steps:
-        for slot in self.slots:
-          self._log(done_step, slot, host[slot.key], time.time() - started, bar, start)
 
     step = start
     while step < num_steps:
@@ -228,15 +230,15 @@ class Trainer:
     bar.close()
     return groups, step, False
 
-  def _log(self, step: int, slot: slots.Slot, host: dict[str, np.ndarray], elapsed: float, bar, start: int) -> None:
+  def _log(self, step: int, view: slots.View, host: dict[str, np.ndarray], elapsed: float, bar, start: int) -> None:
     """Appends the step's per-seed metrics to metrics.jsonl and shows their means on the bar."""
     record = {
       'step': step,
-      'hookpoint': slot.hookpoint,
-      **({'variant': slot.variant.name} if slot.variant.name else {}),
+      'hookpoint': view.slot.hookpoint,
+      **({'variant': view.variant.name} if view.variant.name else {}),
       'tokens': step * self.config.batch_size,
       **{name: np.asarray(host[name]).round(6).tolist() for name in PER_SEED_METRICS},
-      'lr': float(slot.variant.schedule(step - 1)),
+      'lr': float(view.variant.schedule(step - 1)),
       'elapsed_s': round(elapsed, 3),
       'time': round(time.time(), 3),
     }
@@ -257,16 +259,17 @@ class Trainer:
     records = self.metrics_log.read()
     summary: dict[str, Any] = {'step': int(states[self.keys[0]]['step']), 'seeds': list(config.init_seeds)}
     per_variant: dict[str, dict[str, Any]] = {plan.name: {} for plan in self.variants}
-    for slot in self.slots:
-      plan, hookpoint = slot.variant, slot.hookpoint
-      params = host_params(states[slot.key]['params'])
+    stacked = {slot.key: host_params(states[slot.key]['params']) for slot in self.slots}
+    for view in self.views:
+      plan, hookpoint = view.variant, view.slot.hookpoint
+      params = {name: values[view.members] for name, values in stacked[view.slot.key].items()}
       mine = [r for r in records if r.get('hookpoint', hookpoint) == hookpoint and r.get('variant', '') == plan.name]
       section = {'final': mine[-1] if mine else {}}
-      section.update(self.source.final_report(params, plan.spec, config.num_steps, hookpoint))
+      section.update(self.source.final_report(params, view.slot.family.spec, config.num_steps, hookpoint))
       section['seed_stats'] = run_folder.seed_stats(run_folder.per_seed_metrics(section))
       per_variant[plan.name][hookpoint] = section
       if jax.process_index() == 0:
-        self._export(slot, params)
+        self._export(view, params)
     blocks = {
       name: sections[self.hookpoints[0]] if len(self.hookpoints) == 1 else {'hookpoints': sections}
       for name, sections in per_variant.items()
@@ -279,12 +282,12 @@ class Trainer:
       storage.write_json(storage.join(self.workdir, run_folder.SUMMARY), summary)
     return summary
 
-  def _export(self, slot: slots.Slot, params: dict[str, np.ndarray]) -> None:
-    config, hookpoint, variant = slot.variant.config, slot.hookpoint, slot.variant.name
+  def _export(self, view: slots.View, params: dict[str, np.ndarray]) -> None:
+    config, hookpoint, variant = view.variant.config, view.slot.hookpoint, view.variant.name
     sizes = {'arch': config.arch, 'k': config.k, 'd_in': config.d_in, 'num_latents': config.num_latents}
     # What training alone needs, recorded with the export (inference does not use it).
     extra = (
-      {'matryoshka_widths': list(sae_lib.dense.matryoshka_widths(slot.variant.spec))}
+      {'matryoshka_widths': list(sae_lib.dense.matryoshka_widths(view.slot.family.spec))}
       if config.arch == 'matryoshka'
       else None
     )
@@ -350,9 +353,11 @@ def train_in_memory(
     groups, metrics = step(groups, trainer.next_inputs())
     history.append(jax.device_get(metrics))
   states = step.stacked(groups)
-  labels = {slot.key: trainer.label(slot) for slot in trainer.slots}
-  params = {labels[key]: jax.device_get(states[key]['params']) for key in trainer.keys}
-  per_slot_history = {labels[key]: [h[key] for h in history] for key in trainer.keys}
-  if len(trainer.keys) == 1:
-    return params[labels[trainer.keys[0]]], per_slot_history[labels[trainer.keys[0]]]
-  return params, per_slot_history
+  params, per_view_history = {}, {}
+  for view in trainer.views:
+    name, key = trainer.label(view), view.slot.key
+    params[name] = {field: value[view.members] for field, value in jax.device_get(states[key]['params']).items()}
+    per_view_history[name] = [{metric: m[view.members] for metric, m in h[key].items()} for h in history]
+  if len(trainer.views) == 1:
+    return params[name], per_view_history[name]
+  return params, per_view_history
