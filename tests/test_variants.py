@@ -3,6 +3,7 @@ exported, aligned and plotted as if it were its own run."""
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -128,6 +129,18 @@ def test_variants_export_align_and_report_as_their_own_runs(tmp_path):
   assert every.returncode == 0 and (workdir / 'alignment' / 'k=2' / 'summary.json').exists()
   unknown = run_cli('experiments.align', f'--workdir={workdir}', '--variant=k=5')
   assert unknown.returncode == 2 and unknown.stderr.count('\n') == 1 and 'choose one of k=2, k=8' in unknown.stderr
+
+  # Resume: the run as it stood after its first checkpoint (step 20 of 40), rerun, ends bitwise the same.
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(workdir, resumed, ignore=shutil.ignore_patterns('40', 'saes', 'saelens', 'summary.json'))
+  again = run_cli('experiments.train', *TINY_CLI, f'--workdir={resumed}', '--config.variants=k=2,8')
+  assert again.returncode == 0 and 'resumed from step 20' in again.stderr, again.stderr[-3000:]
+  for variant in ('k=2', 'k=8'):
+    for seed in (0, 1):
+      expected = formats.load_sae(str(workdir / 'saes' / 'synthetic' / variant / f'seed{seed}'))[0]
+      actual = formats.load_sae(str(resumed / 'saes' / 'synthetic' / variant / f'seed{seed}'))[0]
+      for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=f'{variant} seed{seed} {name}')
 
 
 def test_a_variant_that_cannot_share_the_step_is_refused_at_the_command_line(tmp_path):
