@@ -96,6 +96,11 @@ def interpret(run: str) -> None:
   from saejax.interpret import analysis, contexts, pipeline
 
   config = TrainConfig.from_json(run_folder.read_config(run))
+  if config.variants:
+    raise ValueError(
+      f'{run} trained variants ({config.variants}); interpretation reads one setting per run folder, so train the '
+      f'variant to interpret as a run of its own (bitwise the same SAEs on CPU)'
+    )
   if not storage.isfile(storage.join(run, 'alignment', 'universality.csv')):
     raise FileNotFoundError(f'{run} is not aligned yet; run python -m experiments.align --workdir={run} first')
   if config.source != 'lm':

@@ -130,6 +130,9 @@ def test_variants_export_align_and_report_as_their_own_runs(tmp_path):
   unknown = run_cli('experiments.align', f'--workdir={workdir}', '--variant=k=5')
   assert unknown.returncode == 2 and unknown.stderr.count('\n') == 1 and 'choose one of k=2, k=8' in unknown.stderr
 
+  refused = run_cli('experiments.interpret', f'--workdir={workdir}', '--base_url=http://127.0.0.1:9/v1', '--model=m')
+  assert refused.returncode == 2 and refused.stderr.count('\n') == 1 and 'trained variants' in refused.stderr
+
   # Resume: the run as it stood after its first checkpoint (step 20 of 40), rerun, ends bitwise the same.
   resumed = tmp_path / 'resumed'
   shutil.copytree(workdir, resumed, ignore=shutil.ignore_patterns('40', 'saes', 'saelens', 'summary.json'))
