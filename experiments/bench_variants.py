@@ -9,7 +9,9 @@ line per arm and one comparing them, each naming the machine:
 - `one_step`: one run with `--config.variants` listing the three, one pass over the data;
 - per arm, seconds per step with reading (`step_s`), the SAE step alone on a batch already read (`sae_s`), the
   read alone (`read_s`: the synthetic generator, the cache, or the SmolLM2 forward), and tokens/s.
-The comparison line holds the sums; the goal is a one-step run that costs the SAE steps plus one read.
+The comparison line holds the sums; the goal is a one-step run that costs the SAE steps plus one read. It also
+holds whole runs' wall time (`--variants_run_steps` steps through `Trainer.run` into a temporary folder: compile,
+checkpoints, exports and summary included), three runs one after another against the one run.
 For the k sweep it also times what a masked top-k would cost at the least: one vmapped group of three at the
 largest k (`masked_topk_floor_s`), against the three per-k groups that run now (`per_k_groups_s`).
 
@@ -32,6 +34,7 @@ _SOURCES = flags.DEFINE_list('variants_sources', ['synthetic', 'cache', 'lm'], '
 _SWEEPS = flags.DEFINE_list('variants_sweeps', ['k', 'width'], 'variants: which of Fig. 4 sweeps (k, width).')
 _STEPS = flags.DEFINE_integer('variants_steps', 5, 'variants: timed steps per measurement.')
 _SEEDS = flags.DEFINE_integer('variants_seeds', 1, 'variants: seeds per setting.')
+_RUN_STEPS = flags.DEFINE_integer('variants_run_steps', 20, 'variants: steps of each whole run timed (0: skip).')
 
 SWEEPS = {'k': ('k', (16, 32, 64)), 'width': ('num_latents', (4096, 8192, 16384))}
 
@@ -45,9 +48,25 @@ def _base_config(source: str, cache_dir: str | None):
     return TrainConfig(source='synthetic', d_in=768, num_tokens=2048 * 1000, **common)
   config = dataclasses.replace(presets.smollm2(), eval_tokens=0, lm_dtype='float32', **common)
   if source == 'cache':
-    # Every measurement reads fresh positions: 1 + 4 x steps batches per arm, all from the cache's one pass.
-    config = dataclasses.replace(config, source='cache', dataset=cache_dir, num_tokens=2048 * (4 * _STEPS.value + 2))
+    # Every measurement reads fresh positions (1 + 4 x steps batches per arm; a whole run reads its own steps),
+    # all from the cache's one pass.
+    batches = max(4 * _STEPS.value + 2, _RUN_STEPS.value)
+    config = dataclasses.replace(config, source='cache', dataset=cache_dir, num_tokens=2048 * batches)
   return config
+
+
+def whole_run_seconds(config) -> float:
+  """Wall time of `_RUN_STEPS` steps of `config` as `experiments.train` runs them, in a temporary run folder."""
+  from saejax.train import trainer as trainer_lib
+
+  steps = _RUN_STEPS.value
+  config = dataclasses.replace(
+    config, num_tokens=steps * config.batch_size, warmup_steps=1, log_every=steps, checkpoint_every=steps
+  )
+  with tempfile.TemporaryDirectory(prefix='saejax-bench-run-') as workdir:
+    start = time.perf_counter()
+    trainer_lib.Trainer(config, workdir).run()
+    return time.perf_counter() - start
 
 
 def _time(fn, repeats: int = 2) -> float:
@@ -141,6 +160,18 @@ def bench_sweep(source: str, sweep: str, cache_dir: str | None, machine: dict) -
     ),
     'machine': machine,
   }
+  if _RUN_STEPS.value > 0:
+    separate_runs = [whole_run_seconds(dataclasses.replace(base, **{field: value})) for value in values]
+    one_run = whole_run_seconds(dataclasses.replace(base, variants=variants))
+    comparison.update(
+      run_steps=_RUN_STEPS.value,
+      separate_runs_s=[round(t, 2) for t in separate_runs],
+      separate_runs_s_sum=round(sum(separate_runs), 2),
+      one_run_s=round(one_run, 2),
+      one_run_over_separate_runs=round(one_run / sum(separate_runs), 3),
+      one_run_tokens_per_s=round(_RUN_STEPS.value * base.batch_size / one_run, 1),
+      separate_runs_tokens_per_s=round(_RUN_STEPS.value * base.batch_size / sum(separate_runs), 1),
+    )
   if sweep == 'k':
     top = dataclasses.replace(base, k=max(values), init_seeds=(0, 1, 2), seed_group_size=3)
     comparison['masked_topk_floor_s'] = round(measure(top)['sae_s'], 4)
