@@ -150,3 +150,23 @@ def test_a_variant_that_cannot_share_the_step_is_refused_at_the_command_line(tmp
   result = run_cli('experiments.train', *TINY_CLI, f'--workdir={tmp_path / "run"}', '--config.variants=d_in=8,16')
   assert result.returncode == 2 and result.stderr.count('error:') == 1 and "'d_in' cannot vary" in result.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def test_a_tracker_gets_one_series_per_variant_and_seed(tmp_path):
+  from tests import tracker_files
+
+  workdir = tmp_path / 'run'
+  flags = [*TINY_CLI, f'--workdir={workdir}', '--config.variants=k=2,8', '--config.tracker=tensorboard']
+  trained = run_cli('experiments.train', *flags)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  aligned = run_cli('experiments.align', f'--workdir={workdir}', '--firing_tokens=2560')
+  assert aligned.returncode == 0, aligned.stderr[-3000:]
+  got = tracker_files.tensorboard_scalars(workdir / 'tensorboard')
+  # TensorBoard spells the characters its tags do not allow ('=', ',') as '_': k=2 shows as k_2.
+  for variant in ('k_2', 'k_8'):
+    assert [step for step, _ in got[f'{variant}/lr']] == [40]
+    for seed in (0, 1):
+      assert [step for step, _ in got[f'synthetic/{variant}/seed{seed}/l0']] == [40]
+  assert got['synthetic/k_2/seed1/l0'][0][1] == 2.0 and got['synthetic/k_8/seed1/l0'][0][1] == 8.0
+  images = tracker_files.tensorboard_tags(workdir / 'tensorboard', 'image')
+  assert {'alignment/k_2/fig1', 'alignment/k_8/fig1'} <= images, images

@@ -1,7 +1,8 @@
 """Experiment trackers beside the metrics.jsonl every run writes: TensorBoard (tensorboardX) or Weights & Biases.
 
 `--config.tracker=tensorboard|wandb` (extras `saejax[tensorboard]`, `saejax[wandb]`). Each gets one series per
-seed and hookpoint (`<hookpoint>/seed<N>/<metric>`), the config, and at the end the summary and figures as images.
+seed and hookpoint (`<hookpoint>/seed<N>/<metric>`; `<hookpoint>/<variant>/seed<N>/<metric>` in a run with
+variants), the config, and at the end the summary and figures as images.
 
 Records reach the tracker once the checkpoint that covers them is on disk, never before: a run killed between two
 checkpoints resumes from the earlier one and recomputes the steps after it, which the tracker has not seen. The
