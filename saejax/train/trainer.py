@@ -140,12 +140,20 @@ class Trainer:
     """The run in one line: what trains, on what, for how long, and where it goes."""
     config, devices = self.config, self.mesh.devices
     hookpoints = ', '.join(self.hookpoints)
-    sae = config.arch
+    # What the variants vary is in their names; the line shows the base value of the rest.
+    varied = {name for plan in self.variants for name in ('arch', 'num_latents', 'k')
+              if getattr(plan.config, name) != getattr(config, name)}  # fmt: skip
+    shown = [f'{config.arch}' if 'arch' not in varied else '']
+    shown += [f'{config.num_latents:,} latents' if 'num_latents' not in varied else '']
+    shown += [f'k={config.k}' if 'k' not in varied else '']
+    sae = shown[0]
     if self.variants[0].name:
-      sae = f'{len(self.variants)} variants ({" | ".join(plan.name for plan in self.variants)}) of {sae}'
+      sae = f'{len(self.variants)} variants ({" | ".join(plan.name for plan in self.variants)})'
+      sae += f' of {shown[0]}' if shown[0] else ''
+    sizes = ', '.join(part for part in shown[1:] if part)
     return (
-      f'{sae} x {len(config.init_seeds)} seeds ({console.seed_range(config.init_seeds)}), '
-      f'{config.num_latents:,} latents, k={config.k} on {hookpoints}: {config.num_tokens:,} tokens in '
+      f'{sae} x {len(config.init_seeds)} seeds ({console.seed_range(config.init_seeds)})'
+      f'{", " + sizes if sizes else ""} on {hookpoints}: {config.num_tokens:,} tokens in '
       f'{config.num_steps:,} steps of {config.batch_size:,}, {devices.size} {devices.flat[0].platform} '
       f'device{"s" if devices.size > 1 else ""} -> {self.workdir}'
     )
