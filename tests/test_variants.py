@@ -12,6 +12,7 @@ from saejax import formats, variants
 from saejax.train import run_folder
 from saejax.train import trainer as trainer_lib
 from saejax.train.trainer import train_in_memory
+from tests import tracker_files
 from tests.test_training import LONG, SINGLE
 from tests.tiny_lm import run_cli
 
@@ -103,7 +104,8 @@ TINY_CLI = [
 
 def test_variants_export_align_and_report_as_their_own_runs(tmp_path):
   workdir = tmp_path / 'run'
-  trained = run_cli('experiments.train', *TINY_CLI, f'--workdir={workdir}', '--config.variants=k=2,8')
+  run_flags = [*TINY_CLI, '--config.variants=k=2,8', '--config.tracker=tensorboard']
+  trained = run_cli('experiments.train', *run_flags, f'--workdir={workdir}')
   assert trained.returncode == 0, trained.stderr[-3000:]
   assert '2 variants (k=2 | k=8)' in trained.stderr and '<hookpoint>/<variant>/seed<N>/' in trained.stderr
   for variant, k in (('k=2', 2), ('k=8', 8)):
@@ -127,6 +129,17 @@ def test_variants_export_align_and_report_as_their_own_runs(tmp_path):
   assert not (workdir / 'alignment' / 'k=2').exists()
   every = run_cli('experiments.align', f'--workdir={workdir}', '--firing_tokens=0')
   assert every.returncode == 0 and (workdir / 'alignment' / 'k=2' / 'summary.json').exists()
+
+  # The tracker: one series per variant and seed, and each variant's alignment figures. TensorBoard spells the
+  # characters its tags do not allow ('=', ',') as '_': k=2 shows as k_2.
+  got = tracker_files.tensorboard_scalars(workdir / 'tensorboard')
+  for variant in ('k_2', 'k_8'):
+    assert [step for step, _ in got[f'{variant}/lr']] == [40]
+    for seed in (0, 1):
+      assert [step for step, _ in got[f'synthetic/{variant}/seed{seed}/l0']] == [40]
+  assert got['synthetic/k_2/seed1/l0'][0][1] == 2.0 and got['synthetic/k_8/seed1/l0'][0][1] == 8.0
+  images = tracker_files.tensorboard_tags(workdir / 'tensorboard', 'image')
+  assert {'alignment/k_2/fig1', 'alignment/k_8/fig1'} <= images, images
   unknown = run_cli('experiments.align', f'--workdir={workdir}', '--variant=k=5')
   assert unknown.returncode == 2 and unknown.stderr.count('\n') == 1 and 'choose one of k=2, k=8' in unknown.stderr
 
@@ -136,7 +149,7 @@ def test_variants_export_align_and_report_as_their_own_runs(tmp_path):
   # Resume: the run as it stood after its first checkpoint (step 20 of 40), rerun, ends bitwise the same.
   resumed = tmp_path / 'resumed'
   shutil.copytree(workdir, resumed, ignore=shutil.ignore_patterns('40', 'saes', 'saelens', 'summary.json'))
-  again = run_cli('experiments.train', *TINY_CLI, f'--workdir={resumed}', '--config.variants=k=2,8')
+  again = run_cli('experiments.train', *run_flags, f'--workdir={resumed}')
   assert again.returncode == 0 and 'resumed from step 20' in again.stderr, again.stderr[-3000:]
   for variant in ('k=2', 'k=8'):
     for seed in (0, 1):
@@ -150,23 +163,3 @@ def test_a_variant_that_cannot_share_the_step_is_refused_at_the_command_line(tmp
   result = run_cli('experiments.train', *TINY_CLI, f'--workdir={tmp_path / "run"}', '--config.variants=d_in=8,16')
   assert result.returncode == 2 and result.stderr.count('error:') == 1 and "'d_in' cannot vary" in result.stderr
   assert not (tmp_path / 'run').exists()
-
-
-def test_a_tracker_gets_one_series_per_variant_and_seed(tmp_path):
-  from tests import tracker_files
-
-  workdir = tmp_path / 'run'
-  flags = [*TINY_CLI, f'--workdir={workdir}', '--config.variants=k=2,8', '--config.tracker=tensorboard']
-  trained = run_cli('experiments.train', *flags)
-  assert trained.returncode == 0, trained.stderr[-3000:]
-  aligned = run_cli('experiments.align', f'--workdir={workdir}', '--firing_tokens=2560')
-  assert aligned.returncode == 0, aligned.stderr[-3000:]
-  got = tracker_files.tensorboard_scalars(workdir / 'tensorboard')
-  # TensorBoard spells the characters its tags do not allow ('=', ',') as '_': k=2 shows as k_2.
-  for variant in ('k_2', 'k_8'):
-    assert [step for step, _ in got[f'{variant}/lr']] == [40]
-    for seed in (0, 1):
-      assert [step for step, _ in got[f'synthetic/{variant}/seed{seed}/l0']] == [40]
-  assert got['synthetic/k_2/seed1/l0'][0][1] == 2.0 and got['synthetic/k_8/seed1/l0'][0][1] == 8.0
-  images = tracker_files.tensorboard_tags(workdir / 'tensorboard', 'image')
-  assert {'alignment/k_2/fig1', 'alignment/k_8/fig1'} <= images, images

@@ -1,7 +1,7 @@
 """The run folder's stable layout, which the alignment and analysis tools read.
 
     DIR/config.json                              the resolved TrainConfig
-    DIR/metrics.jsonl                            one line per logged step, per-seed lists
+    DIR/metrics.jsonl                            one line per logged step (and hookpoint, variant), per-seed lists
     DIR/checkpoints/<step>/                      Orbax (train state + data position)
     DIR/saes/<hookpoint>/seed<N>/                EleutherAI layout: sae.safetensors + cfg.json
     DIR/saelens/<hookpoint>/seed<N>/             SAELens layout: sae_weights.safetensors + cfg.json
