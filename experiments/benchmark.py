@@ -123,7 +123,7 @@ def train_step_seconds(num_seeds: int, repeats: int) -> tuple[float, float]:
   trainer = Trainer(config, workdir='', mesh=shd.make_mesh(-1, 1))
   step = trainer_lib.stepper(trainer)
   state = step.fresh()
-  x_BxD = dict(zip(trainer.keys, trainer.source.batches_at(0)))
+  x_BxD = trainer.inputs_at(0)
   state, _ = step(state, x_BxD)  # compile
   jax.block_until_ready(state)
   step_times, matmul_times = [], []
@@ -298,12 +298,12 @@ def bench_lm() -> None:
       forward_s = min(_time(functools.partial(source.batch_at, 1), _REPEATS.value))
       step = trainer_lib.stepper(trainer)
       state = step.fresh()
-      state, _ = step(state, dict(zip(trainer.keys, source.batches_at(0))))
+      state, _ = step(state, trainer.inputs_at(0))
       jax.block_until_ready(state)
       full_times = []
       for position in range(_REPEATS.value):
         start = time.perf_counter()
-        state, metrics = step(state, dict(zip(trainer.keys, source.batches_at(position))))
+        state, metrics = step(state, trainer.inputs_at(position))
         jax.block_until_ready((state, metrics))
         full_times.append(time.perf_counter() - start)
       full_s = min(full_times)
