@@ -198,6 +198,11 @@ class TrainConfig:
     return self.num_tokens // self.batch_size
 
   @property
+  def resolved_warmup_steps(self) -> int:
+    """`warmup_steps`, or a tenth of the run when the run is not longer than that (the trainer warns)."""
+    return self.warmup_steps if self.warmup_steps < self.num_steps else max(1, self.num_steps // 10)
+
+  @property
   def learning_rate(self) -> float:
     """The recipe's width-scaled rate unless `lr` is given."""
     if self.lr is not None:

@@ -6,23 +6,14 @@ is per seed: a joint clip would let one seed's large gradient shrink every other
 
 from __future__ import annotations
 
-import logging
-
 import optax
 
 from saejax.sae.base import remove_parallel_component
 
-_WARNED: set[tuple[int, int]] = set()
-
 
 def lr_schedule(peak_lr: float, warmup_steps: int, num_steps: int) -> optax.Schedule:
-  """Linear warm-up to `peak_lr`, then linear decay to 0 at the last step (recipe.md section 1)."""
-  if warmup_steps >= num_steps:
-    shortened = max(1, num_steps // 10)
-    if (warmup_steps, num_steps) not in _WARNED:  # once per run, not once per variant
-      _WARNED.add((warmup_steps, num_steps))
-      logging.warning('warmup_steps=%d >= num_steps=%d; warming up over %d steps', warmup_steps, num_steps, shortened)
-    warmup_steps = shortened
+  """Linear warm-up to `peak_lr` over `warmup_steps` (< `num_steps`; `TrainConfig.resolved_warmup_steps`), then
+  linear decay to 0 at the last step (recipe.md section 1)."""
   warmup = optax.linear_schedule(peak_lr / max(warmup_steps, 1), peak_lr, warmup_steps)
   decay = optax.linear_schedule(peak_lr, 0.0, max(num_steps - warmup_steps, 1))
   return optax.join_schedules([warmup, decay], [warmup_steps])
@@ -45,16 +36,16 @@ def project_decoder_gradient() -> optax.GradientTransformation:
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(tx at a peak rate of 1, the run's learning-rate schedule for logging).
+  """(tx at a peak rate of 1, that schedule at a peak of 1).
 
   The train step scales each SAE's update by its own peak rate (saejax.train.step.member_hparams), so variants
-  that differ only in the rate share one optimiser and one compiled step.
+  that differ only in the rate share one optimiser and one compiled step; the rate a run logs at step t is
+  `config.learning_rate * schedule(t)`.
   """
-  unit = lr_schedule(1.0, config.warmup_steps, config.num_steps)
+  unit = lr_schedule(1.0, config.resolved_warmup_steps, config.num_steps)
   tx = optax.chain(
     optax.clip_by_global_norm(config.grad_clip),
     project_decoder_gradient(),
     optax.adam(unit, b1=0.9, b2=0.999, eps=1e-8),
   )
-  peak = config.learning_rate
-  return tx, lambda step: peak * unit(step)
+  return tx, unit

@@ -33,11 +33,10 @@ from saejax.train import step as step_lib
 
 @dataclasses.dataclass
 class VariantPlan:
-  """One variant: its name ('' for a run without variants), its own config and its logged lr schedule."""
+  """One variant: its name ('' for a run without variants) and its own config."""
 
   name: str
   config: Any
-  schedule: Any
 
 
 @dataclasses.dataclass
@@ -48,6 +47,7 @@ class Family:
   arch: sae_lib.Architecture
   spec: sae_lib.SaeSpec
   tx: Any
+  unit_schedule: Any  # the learning-rate schedule at a peak of 1; a variant's rate is its peak times this
   step: seed_groups.SeedGroupStep
   num_seeds: int
 
@@ -87,17 +87,16 @@ def families(config, mesh: jax.sharding.Mesh) -> list[Family]:
   platform = mesh.devices.flat[0].platform
   grouped: dict[str, list[VariantPlan]] = {}
   for name, own in variants_lib.resolve(config):
-    _, schedule = optimizer.make_optimizer(own)
-    grouped.setdefault(_program(own), []).append(VariantPlan(name, own, schedule))
+    grouped.setdefault(_program(own), []).append(VariantPlan(name, own))
   out = []
   for plans in grouped.values():
     own = plans[0].config
     arch = sae_lib.get(own.arch)
     spec = sae_lib.SaeSpec.from_config(own, latent_shards=mesh.shape[shd.MODEL], platform=platform)
-    tx, _ = optimizer.make_optimizer(own)
+    tx, unit_schedule = optimizer.make_optimizer(own)
     hparams = step_lib.member_hparams([plan.config for plan in plans for _ in own.init_seeds])
     step = seed_groups.make(arch, spec, tx, own.dead_tokens, hparams, own.resolved_seed_group_size(platform), mesh)
-    out.append(Family(plans, arch, spec, tx, step, len(own.init_seeds)))
+    out.append(Family(plans, arch, spec, tx, unit_schedule, step, len(own.init_seeds)))
   return out
 
 

@@ -27,16 +27,15 @@ from saejax import sharding as shd
 TrainState = dict[str, Any]
 # Counters saturate instead of wrapping: a never-firing latent at 8B tokens overflows int32.
 _COUNTER_CAP = np.iinfo(np.int32).max
-# The per-member values a group step takes as inputs: each member's peak learning rate and L1 coefficient.
-HPARAMS = ('lr', 'l1_coefficient')
+# The per-member values a group step takes as inputs, each read from the member's config attribute: its peak
+# learning rate and its L1 coefficient.
+_HPARAM_ATTRS = {'lr': 'learning_rate', 'l1_coefficient': 'l1_coefficient'}
+HPARAMS = tuple(_HPARAM_ATTRS)
 
 
 def member_hparams(configs: Sequence[Any]) -> dict[str, np.ndarray]:
   """{name: [M] float32}: the HPARAMS of each member's config (one config per member, in member order)."""
-  return {
-    'lr': np.asarray([c.learning_rate for c in configs], np.float32),
-    'l1_coefficient': np.asarray([c.l1_coefficient for c in configs], np.float32),
-  }
+  return {name: np.asarray([getattr(c, attr) for c in configs], np.float32) for name, attr in _HPARAM_ATTRS.items()}
 
 
 def seed_keys(init_seeds: Sequence[int]) -> jax.Array:
@@ -127,8 +126,3 @@ def make_group_step(
     return new_state, metrics
 
   return group_step
-
-
-def hookpoint_keys(hookpoints: Sequence[str]) -> list[str]:
-  """State keys per hookpoint (hookpoint names hold dots, which checkpoint paths reserve)."""
-  return [f'hookpoint{i}' for i in range(len(hookpoints))]

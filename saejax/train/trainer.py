@@ -7,6 +7,7 @@ metrics are read one step late, so the loop never waits on the device except to 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import signal
 import time
 from typing import Any
@@ -93,6 +94,11 @@ class Trainer:
     self.source = data.make_source(config, shd.batch_sharding(self.mesh))
     self.families = slots.families(config, self.mesh)
     self.variants = [plan for family in self.families for plan in family.variants]
+    for warmup, num_steps, shortened in sorted(
+      {(c.warmup_steps, c.num_steps, c.resolved_warmup_steps) for c in (p.config for p in self.variants)}
+    ):
+      if warmup >= num_steps:  # once per distinct warm-up, however many variants share it
+        logging.warning('warmup_steps=%d >= num_steps=%d; warming up over %d steps', warmup, num_steps, shortened)
     self.slots = slots.make(self.hookpoints, self.families)
     self.views = slots.views(self.slots)  # every (hookpoint, variant): what is logged, checked and exported
     self.metrics_log = run_folder.MetricsLog(workdir)
@@ -141,16 +147,15 @@ class Trainer:
     config, devices = self.config, self.mesh.devices
     hookpoints = ', '.join(self.hookpoints)
     # What the variants vary is in their names; the line shows the base value of the rest.
-    varied = {name for plan in self.variants for name in ('arch', 'num_latents', 'k')
-              if getattr(plan.config, name) != getattr(config, name)}  # fmt: skip
-    shown = [f'{config.arch}' if 'arch' not in varied else '']
-    shown += [f'{config.num_latents:,} latents' if 'num_latents' not in varied else '']
-    shown += [f'k={config.k}' if 'k' not in varied else '']
-    sae = shown[0]
+    shown = {'arch': config.arch, 'num_latents': f'{config.num_latents:,} latents', 'k': f'k={config.k}'}
+    for name in list(shown):
+      if any(getattr(plan.config, name) != getattr(config, name) for plan in self.variants):
+        del shown[name]
+    sae = shown.pop('arch', '')
     if self.variants[0].name:
-      sae = f'{len(self.variants)} variants ({" | ".join(plan.name for plan in self.variants)})'
-      sae += f' of {shown[0]}' if shown[0] else ''
-    sizes = ', '.join(part for part in shown[1:] if part)
+      names = ' | '.join(plan.name for plan in self.variants)
+      sae = f'{len(self.variants)} variants ({names})' + (f' of {sae}' if sae else '')
+    sizes = ', '.join(shown.values())
     return (
       f'{sae} x {len(config.init_seeds)} seeds ({console.seed_range(config.init_seeds)})'
       f'{", " + sizes if sizes else ""} on {hookpoints}: {config.num_tokens:,} tokens in '
@@ -246,7 +251,7 @@ class Trainer:
       **({'variant': view.variant.name} if view.variant.name else {}),
       'tokens': step * self.config.batch_size,
       **{name: np.asarray(host[name]).round(6).tolist() for name in PER_SEED_METRICS},
-      'lr': float(view.variant.schedule(step - 1)),
+      'lr': float(view.variant.config.learning_rate * view.slot.family.unit_schedule(step - 1)),
       'elapsed_s': round(elapsed, 3),
       'time': round(time.time(), 3),
     }
@@ -361,10 +366,11 @@ def train_in_memory(
     groups, metrics = step(groups, trainer.next_inputs())
     history.append(jax.device_get(metrics))
   states = step.stacked(groups)
+  stacked = {key: jax.device_get(state['params']) for key, state in states.items()}
   params, per_view_history = {}, {}
   for view in trainer.views:
     name, key = trainer.label(view), view.slot.key
-    params[name] = {field: value[view.members] for field, value in jax.device_get(states[key]['params']).items()}
+    params[name] = {field: value[view.members] for field, value in stacked[key].items()}
     per_view_history[name] = [{metric: m[view.members] for metric, m in h[key].items()} for h in history]
   if len(trainer.views) == 1:
     return params[name], per_view_history[name]
