@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -86,7 +87,11 @@ class TensorBoard(Tracker):
     from tensorboardX import SummaryWriter
 
     self.workdir, self.seeds = workdir, seeds
-    self.writer = SummaryWriter(logdir=storage.join(workdir, 'tensorboard'))
+    # tensorboardX names event files by the second and the host only, so two writers opened within one second (an
+    # align of several variants, a quick resume) would write the same file; the nanosecond suffix keeps each one's
+    # own file, in the order they were opened.
+    logdir = storage.join(workdir, 'tensorboard')
+    self.writer = SummaryWriter(logdir=logdir, filename_suffix=f'.{time.time_ns()}')
     self.writer.add_text('config', f'```\n{json.dumps(config.to_json(), indent=1)}\n```')
 
   def log(self, records):
