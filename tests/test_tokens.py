@@ -124,6 +124,24 @@ def test_text_folder_is_read_in_file_order_and_shuffle_needs_a_seed(corpus, tmp_
   assert not np.array_equal(first.reshape(-1), expected[: first.size])
 
 
+def test_json_lines_read_directly_equal_the_datasets_json_builder(corpus, tmp_path):
+  # `.jsonl` is read without `datasets`; the same lines as `.json` still go through its json builder.
+  docs = corpus['docs'][:20] + ['naïve “quotes” ✓', 'two\nlines', '']
+  lines = [json.dumps({'text': doc, 'n': i}, ensure_ascii=i % 2 == 0) for i, doc in enumerate(docs)]
+  text = '\n'.join(lines[:10]) + '\n\n' + '\n'.join(lines[10:]) + '\n'  # a blank line between rows
+  (tmp_path / 'direct.jsonl').write_text(text, encoding='utf-8')
+  (tmp_path / 'builder.json').write_text(text, encoding='utf-8')
+  direct, builder = (
+    TextTokenStream(str(tmp_path / name), corpus['model'], 1, 8, process_index=0, process_count=1)
+    for name in ('direct.jsonl', 'builder.json')
+  )
+  np.testing.assert_array_equal(np.concatenate(list(direct)), np.concatenate(list(builder)))
+  assert direct.position == builder.position > 0
+  (tmp_path / 'bad.jsonl').write_text(lines[0] + '\n{"text": \n')
+  with pytest.raises(ValueError, match="line 2 of .*bad.jsonl' is not JSON"):
+    list(TextTokenStream(str(tmp_path / 'bad.jsonl'), corpus['model'], 1, 2, process_index=0, process_count=1))
+
+
 def test_text_file_builder_reads_lines_as_documents(corpus, tmp_path):
   lines = [d for d in corpus['docs'] if d][:20]
   path = tmp_path / 'corpus.txt'

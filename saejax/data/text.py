@@ -234,6 +234,9 @@ class TextTokenStream(TokenStream):
     return ds
 
   def _iter_texts(self) -> Iterator[Any]:
+    if self.local is not None and self.shuffle_seed is None and all(f.endswith('.jsonl') for f in self.local[1]):
+      yield from self._iter_jsonl(self.local[1])
+      return
     for batch in self._open().iter(batch_size=self.read_batch):
       if self.text_column not in batch:
         raise ValueError(
@@ -241,6 +244,25 @@ class TextTokenStream(TokenStream):
           f'{", ".join(batch)}); pass text_column='
         )
       yield from batch[self.text_column]
+
+  def _iter_jsonl(self, files: list[str]) -> Iterator[Any]:
+    """Plain JSON Lines in file order, read directly: the same documents as `datasets`' json builder, without
+    its seconds of import and dataset resolution in every process (a tiny run's largest start-up cost)."""
+    for path in files:
+      with open(path, encoding='utf-8') as lines:
+        for number, line in enumerate(lines, 1):
+          if not line.strip():
+            continue
+          try:
+            row = json.loads(line)
+          except json.JSONDecodeError as err:
+            raise ValueError(f'line {number} of {path!r} is not JSON ({err.msg}); pass JSON Lines') from None
+          if not isinstance(row, dict) or self.text_column not in row:
+            columns = ', '.join(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(
+              f'dataset {self._describe()} has no column {self.text_column!r} (columns: {columns}); pass text_column='
+            )
+          yield row[self.text_column]
 
   def _restart(self, document: int, offset: int) -> None:
     """Reopens the dataset at token `offset` of document `document`, skipping earlier ones untokenized."""
