@@ -140,6 +140,9 @@ def test_json_lines_read_directly_equal_the_datasets_json_builder(corpus, tmp_pa
   (tmp_path / 'bad.jsonl').write_text(lines[0] + '\n{"text": \n')
   with pytest.raises(ValueError, match="line 2 of .*bad.jsonl' is not JSON"):
     list(TextTokenStream(str(tmp_path / 'bad.jsonl'), corpus['model'], 1, 2, process_index=0, process_count=1))
+  (tmp_path / 'other.jsonl').write_text('{"body": "no text here"}\n')
+  with pytest.raises(ValueError, match="no column 'text' \\(columns: body\\); pass text_column="):
+    TextTokenStream(str(tmp_path / 'other.jsonl'), corpus['model'], 1, 2, process_index=0, process_count=1)
 
 
 def test_text_file_builder_reads_lines_as_documents(corpus, tmp_path):

@@ -239,11 +239,13 @@ class TextTokenStream(TokenStream):
       return
     for batch in self._open().iter(batch_size=self.read_batch):
       if self.text_column not in batch:
-        raise ValueError(
-          f'dataset {self._describe()} has no column {self.text_column!r} (columns: '
-          f'{", ".join(batch)}); pass text_column='
-        )
+        raise self._no_text_column(', '.join(batch))
       yield from batch[self.text_column]
+
+  def _no_text_column(self, columns: str) -> ValueError:
+    return ValueError(
+      f'dataset {self._describe()} has no column {self.text_column!r} (columns: {columns}); pass text_column='
+    )
 
   def _iter_jsonl(self, files: list[str]) -> Iterator[Any]:
     """Plain JSON Lines in file order, read directly: the same documents as `datasets`' json builder, without
@@ -258,10 +260,7 @@ class TextTokenStream(TokenStream):
           except json.JSONDecodeError as err:
             raise ValueError(f'line {number} of {path!r} is not JSON ({err.msg}); pass JSON Lines') from None
           if not isinstance(row, dict) or self.text_column not in row:
-            columns = ', '.join(row) if isinstance(row, dict) else type(row).__name__
-            raise ValueError(
-              f'dataset {self._describe()} has no column {self.text_column!r} (columns: {columns}); pass text_column='
-            )
+            raise self._no_text_column(', '.join(row) if isinstance(row, dict) else type(row).__name__)
           yield row[self.text_column]
 
   def _restart(self, document: int, offset: int) -> None:
