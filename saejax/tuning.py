@@ -21,6 +21,11 @@ devices the work runs on, so an export for another platform can ask for that pla
   - TopK formulation: 'sparse' (gathers and row scatters) on CPU and GPU; 'dense' (masked dense products, five
     encoder-sized matmuls) on TPU, whose scatters serialise while its matrix units are cheap. Not measured on a
     TPU; `experiments/device_check.py` measures both on a GPU.
+  - TopK selection: on CPU, a top-k of the maxima of blocks of `CPU_TOPK_BLOCK` latents, then a top-k of the k
+    best blocks' values (kernels.block_top_k; exactly lax.top_k's values and indices). XLA:CPU's top-k is a
+    partial sort per row at about 5 ns per value, 8x the encoder matmul at the synthetic preset's shapes, and a
+    block max is a vectorised pass: the preset's step is about 16% faster (RESULTS.md). Accelerators keep
+    `lax.top_k`; the two-stage form is not measured there.
   - SAE matmul dtype: float32 on CPU (XLA:CPU has no faster bf16 path); bfloat16 operands with float32
     accumulation on accelerators, the paper's autocast (tests/test_sae_dtype.py checks it trains as well).
 - Seed groups for `seed_group_size=-1`. Seeds train in groups of a fixed size, each group one call of the same
@@ -77,6 +82,7 @@ CPU_KERNEL_CHUNK_TOKENS = 32
 ACCELERATOR_KERNEL_BLOCKS = 8
 ACCELERATOR_PRE_ACTIVATION_BYTES = 16 * 2**30
 ACCELERATOR_SEED_GROUP = 3
+CPU_TOPK_BLOCK = 8
 
 
 def kernel_chunk_tokens(platform: str) -> int:
@@ -91,6 +97,11 @@ def kernel_blocks(platform: str) -> int:
 
 def topk_kernel(platform: str) -> str:
   return 'dense' if platform == 'tpu' else 'sparse'
+
+
+def topk_block(platform: str) -> int:
+  """Latents per block of the two-stage exact top-k (saejax.sae.kernels.block_top_k); 0: one lax.top_k."""
+  return CPU_TOPK_BLOCK if platform == 'cpu' else 0
 
 
 def sae_dtype(platform: str) -> str:

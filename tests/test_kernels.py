@@ -1,10 +1,15 @@
-"""The sparse TopK kernel: its hand-written backward equals autodiff of the dense formulation."""
+"""The sparse TopK kernel: its hand-written backward equals autodiff of the dense formulation; the two-stage
+top-k is exactly lax.top_k."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from saejax import sae as sae_lib
+from saejax import sharding as shd
 from saejax.sae import kernels
 
 
@@ -127,6 +132,57 @@ def test_two_stage_top_k_equals_global_top_k_including_ties(shards):
   want_vals, want_idx = jax.lax.top_k(pre, 6)
   np.testing.assert_array_equal(idx, want_idx)
   np.testing.assert_array_equal(vals, want_vals)
+
+
+def _hard_rows(key, rows: int, num_latents: int) -> jax.Array:
+  """Rows that break a careless top-k: exact ties, -0.0 beside +0.0, -inf (AuxK's mask), all-equal rows, NaN."""
+  pre = jnp.round(jax.random.normal(key, (rows, num_latents)) * 2) / 2  # many exact ties
+  pre = pre.at[0].set(jnp.where(jnp.arange(num_latents) % 3 == 0, -0.0, 0.0))  # only signed zeros
+  pre = pre.at[1].set(-jnp.inf).at[2].set(1.0)  # all masked; all equal
+  pre = pre.at[3, ::5].set(-jnp.inf).at[4, 7].set(jnp.nan).at[5, num_latents - 1].set(jnp.inf)
+  return pre
+
+
+@pytest.mark.parametrize('num_latents,k,block', [(1024, 8, 8), (1024, 4, 16), (512, 4, 8), (4096, 16, 8)])
+def test_block_top_k_is_lax_top_k_exactly(num_latents, k, block):
+  pre = _hard_rows(jax.random.PRNGKey(num_latents + k), 48, num_latents)
+  assert kernels.uses_blocks(num_latents, k, block)
+  vals, idx = jax.jit(kernels.global_top_k, static_argnums=(1, 2, 3))(pre, k, 1, block)
+  want_vals, want_idx = jax.lax.top_k(pre, k)
+  np.testing.assert_array_equal(idx, want_idx)
+  np.testing.assert_array_equal(np.signbit(vals), np.signbit(want_vals))  # +0.0 ranks above -0.0
+  np.testing.assert_array_equal(vals, want_vals)
+  # Leading axes are kept, as lax.top_k keeps them.
+  stacked_vals, stacked_idx = kernels.global_top_k(pre.reshape(4, 12, num_latents), k, 1, block)
+  np.testing.assert_array_equal(stacked_idx.reshape(48, k), want_idx)
+
+
+def test_block_top_k_only_where_it_pays():
+  assert not kernels.uses_blocks(1024, 32, 8)  # k * block candidates would be a quarter of the row
+  assert not kernels.uses_blocks(1004, 4, 8)  # blocks must tile the row
+  assert not kernels.uses_blocks(1024, 8, 0)
+  def top_k_ops(num_latents):
+    pre = jnp.zeros((16, num_latents))
+    return jax.jit(lambda p: kernels.global_top_k(p, 4, 1, 8)).lower(pre).as_text().count('chlo.top_k')
+
+  assert top_k_ops(64) == 1 and top_k_ops(1024) == 2  # 64 < 16 * k * block: one lax.top_k
+
+
+def test_the_cpu_plan_uses_block_top_k_and_trains_the_same_saes():
+  """The CPU default (topk_block=8) and one lax.top_k give bitwise the same SAE: only the speed differs."""
+  from saejax.config import TrainConfig
+  from saejax.train.trainer import train_in_memory
+
+  config = TrainConfig(d_in=16, num_features=64, num_latents=512, k=4, batch_size=128, num_tokens=128 * 30)
+  config.validate()
+  assert sae_lib.SaeSpec.from_config(config, platform='cpu').topk_block == 8
+  assert sae_lib.SaeSpec.from_config(config, platform='gpu').topk_block == 0
+  assert kernels.uses_blocks(config.num_latents, config.k, 8)
+  mesh = shd.make_mesh(1, 1, jax.devices()[:1])
+  blocked, _ = train_in_memory(config, mesh)
+  plain, _ = train_in_memory(dataclasses.replace(config, topk_block=0), mesh)
+  for name in blocked:
+    np.testing.assert_array_equal(blocked[name], plain[name], err_msg=name)
 
 
 def test_chunking_tiles_batch_exactly():

@@ -32,7 +32,7 @@ def _count_fn(arch: sae_lib.Architecture, spec: sae_lib.SaeSpec):
   def seed_counts(params, x_BxD):
     if spec.arch == 'topk':
       pre_BxF = (x_BxD - params['b_dec']) @ params['W_enc'].T + params['b_enc']
-      top_BxK, idx_BxK = kernels.global_top_k(pre_BxF, spec.k, spec.latent_shards)
+      top_BxK, idx_BxK = kernels.global_top_k(pre_BxF, spec.k, spec.latent_shards, spec.topk_block)
       fired = (top_BxK > 0).reshape(-1).astype(jnp.int32)
       return jnp.zeros(spec.num_latents, jnp.int32).at[idx_BxK.reshape(-1)].add(fired)
     return jnp.sum(arch.encode(params, x_BxD, spec) > 0, axis=0, dtype=jnp.int32)

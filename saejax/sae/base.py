@@ -41,11 +41,12 @@ class SaeSpec:
   chunk_tokens: int = 32  # tokens per chunk of the sparse TopK gathers and scatters; 0: no token chunks
   kernel_blocks: int = 0  # with chunk_tokens=0: about this many equal blocks (0 or 1: the whole batch)
   topk_kernel: str = 'sparse'  # 'sparse' (gathers, k rows per token) or 'dense' (masked dense products)
+  topk_block: int = 0  # latents per block of the two-stage exact top-k (kernels.block_top_k); 0: one lax.top_k
   sae_dtype: str = 'float32'  # matmul operands: 'float32' or 'bfloat16' (float32 accumulation and master weights)
 
   @property
   def chunking(self) -> kernels.Chunking:
-    return kernels.Chunking(self.chunk_tokens, self.kernel_blocks)
+    return kernels.Chunking(self.chunk_tokens, self.kernel_blocks, self.topk_block)
 
   @classmethod
   def from_config(cls, config: Any, latent_shards: int = 1, platform: str | None = None) -> SaeSpec:

@@ -26,13 +26,16 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def global_top_k(pre_BxF: jax.Array, k: int, shards: int = 1) -> tuple[jax.Array, jax.Array]:
-  """Top-k over the latent axis, computed as a top-k of per-shard top-k's when latents are sharded.
+def global_top_k(pre_BxF: jax.Array, k: int, shards: int = 1, block: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Top-k over the latent axis: exactly `lax.top_k` (values, indices, ties), computed in pieces where faster.
 
-  Ties break towards the lower latent index in both stages, so the result equals `lax.top_k` exactly.
+  With latents sharded, a top-k of per-shard top-k's. Else with `block` > 0 (saejax.tuning: on CPU) and enough
+  latents, `block_top_k`. Ties break towards the lower latent index in every stage, as in `lax.top_k`.
   """
   num_latents = pre_BxF.shape[-1]
   if shards <= 1 or num_latents % shards or num_latents // shards < k:
+    if uses_blocks(num_latents, k, block):
+      return block_top_k(pre_BxF, k, block)
     return lax.top_k(pre_BxF, k)
   per_shard = num_latents // shards
   blocks_BxNxL = pre_BxF.reshape(*pre_BxF.shape[:-1], shards, per_shard)
@@ -43,8 +46,50 @@ def global_top_k(pre_BxF: jax.Array, k: int, shards: int = 1) -> tuple[jax.Array
   return vals, jnp.take_along_axis(local_idx.reshape(flat_shape), pos, axis=-1)
 
 
+# Blocks pay off only when the two small top-k's see far fewer values than the whole row: F / block block
+# maxima and k * block candidates (RESULTS.md, "exact top-k in blocks").
+_BLOCKS_MIN_RATIO = 16
+
+
+def uses_blocks(num_latents: int, k: int, block: int) -> bool:
+  """Whether `global_top_k` takes the two-stage path for this row length, k and block size."""
+  return block > 0 and num_latents % block == 0 and num_latents >= _BLOCKS_MIN_RATIO * k * block
+
+
+def _ordered_key(x: jax.Array) -> jax.Array:
+  """int32 keys in `lax.top_k`'s total order of float32 (-0.0 below +0.0, NaN by its bits), so their max is exact."""
+  bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _from_key(key: jax.Array) -> jax.Array:
+  return lax.bitcast_convert_type(jnp.where(key < 0, key ^ jnp.int32(0x7FFFFFFF), key), jnp.float32)
+
+
+def block_top_k(pre_BxF: jax.Array, k: int, block: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k(pre_BxF, k)` exactly, as a top-k of block maxima, then a top-k of the k best blocks' values.
+
+  XLA:CPU's top-k costs about 5 ns per value whatever k (a partial sort per row); a block max is a vectorised
+  reduction. Why it is exact: if a top-k value t lay in an unselected block b, each of the k selected blocks
+  would hold a maximum that ranks ahead of t (a larger value, or an equal one at a lower index, since the
+  selection breaks ties towards lower blocks), so t would not be in the top k. The selected blocks are
+  gathered in ascending order, so the second top-k breaks ties towards the lower latent index too.
+  """
+  *lead, num_latents = pre_BxF.shape
+  num_blocks = num_latents // block
+  blocks_BxNxL = pre_BxF.reshape(-1, num_blocks, block)
+  block_max_BxN = _from_key(jnp.max(_ordered_key(blocks_BxNxL), axis=-1))
+  _, chosen_BxK = lax.top_k(block_max_BxN, k)
+  chosen_BxK = jnp.sort(chosen_BxK, axis=-1)
+  candidates_BxKL = jnp.take_along_axis(blocks_BxNxL, chosen_BxK[:, :, None], axis=1).reshape(-1, k * block)
+  vals_BxK, pos_BxK = lax.top_k(candidates_BxKL, k)
+  idx_BxK = jnp.take_along_axis(chosen_BxK, pos_BxK // block, axis=-1) * block + pos_BxK % block
+  return vals_BxK.reshape(*lead, k), idx_BxK.reshape(*lead, k)
+
+
 class Chunking(NamedTuple):
-  """How the gathers and scatters split the batch (saejax.tuning picks it per platform).
+  """How the kernels split their work (saejax.tuning picks it per platform): the gathers and scatters the batch,
+  the top-k the latents (`topk_block` > 0: `block_top_k` over blocks of that many latents, where it pays).
 
   `tokens` > 0: strided chunks of that many tokens (cache-sized on CPU; the trip count grows with the batch).
   Else `blocks` > 1: about that many equal blocks, whatever the batch (a fixed, small trip count that bounds the
@@ -53,6 +98,7 @@ class Chunking(NamedTuple):
 
   tokens: int = 0
   blocks: int = 0
+  topk_block: int = 0
 
   def chunk_size(self, batch: int) -> int:
     """Tokens per chunk; `batch` means no loop."""
@@ -156,15 +202,17 @@ def topk_autoencode(
   return out
 
 
-def _encode_top_k(x_BxD, b_dec_D, W_enc_FxD, b_enc_F, mask_bias_F, k, shards, compute_dtype):
+def _encode_top_k(x_BxD, b_dec_D, W_enc_FxD, b_enc_F, mask_bias_F, k, shards, compute_dtype, topk_block=0):
   xc_BxD = x_BxD - b_dec_D
   pre_BxF = mm('bd,fd->bf', xc_BxD, W_enc_FxD, compute_dtype) + (b_enc_F + mask_bias_F)
-  top_BxK, idx_BxK = global_top_k(pre_BxF, k, shards)
+  top_BxK, idx_BxK = global_top_k(pre_BxF, k, shards, topk_block)
   return xc_BxD, jnp.maximum(top_BxK, 0.0), idx_BxK
 
 
 def _topk_fwd(x_BxD, b_dec_D, W_enc_FxD, b_enc_F, W_dec_FxD, mask_bias_F, k, shards, chunking, compute_dtype):
-  xc_BxD, vals_BxK, idx_BxK = _encode_top_k(x_BxD, b_dec_D, W_enc_FxD, b_enc_F, mask_bias_F, k, shards, compute_dtype)
+  xc_BxD, vals_BxK, idx_BxK = _encode_top_k(
+    x_BxD, b_dec_D, W_enc_FxD, b_enc_F, mask_bias_F, k, shards, compute_dtype, chunking.topk_block
+  )
   recon_BxD = sparse_decode(vals_BxK, idx_BxK, W_dec_FxD, chunking, compute_dtype)
   residuals = (x_BxD, xc_BxD, vals_BxK, idx_BxK, W_enc_FxD, W_dec_FxD, mask_bias_F)
   return (recon_BxD, vals_BxK, idx_BxK), residuals

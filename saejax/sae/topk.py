@@ -66,7 +66,7 @@ def _auxk_loss(params, x_BxD, x_hat_BxD, dead_F, spec):
 
 def encode(params: base.Params, x_BxD: jax.Array, spec: base.SaeSpec) -> jax.Array:
   pre_BxF = kernels.mm('bd,fd->bf', x_BxD - params['b_dec'], params['W_enc'], spec.sae_dtype) + params['b_enc']
-  top_BxK, idx_BxK = kernels.global_top_k(pre_BxF, spec.k, spec.latent_shards)
+  top_BxK, idx_BxK = kernels.global_top_k(pre_BxF, spec.k, spec.latent_shards, spec.topk_block)
   rows_B1 = jnp.arange(pre_BxF.shape[0])[:, None]
   return jnp.zeros_like(pre_BxF).at[rows_B1, idx_BxK].set(jnp.maximum(top_BxK, 0.0))
 
