@@ -161,6 +161,7 @@ def test_block_top_k_only_where_it_pays():
   assert not kernels.uses_blocks(1024, 32, 8)  # k * block candidates would be a quarter of the row
   assert not kernels.uses_blocks(1004, 4, 8)  # blocks must tile the row
   assert not kernels.uses_blocks(1024, 8, 0)
+
   def top_k_ops(num_latents):
     pre = jnp.zeros((16, num_latents))
     return jax.jit(lambda p: kernels.global_top_k(p, 4, 1, 8)).lower(pre).as_text().count('chlo.top_k')
