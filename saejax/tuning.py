@@ -23,9 +23,9 @@ devices the work runs on, so an export for another platform can ask for that pla
     TPU; `experiments/device_check.py` measures both on a GPU.
   - TopK selection: on CPU, a top-k of the maxima of blocks of `CPU_TOPK_BLOCK` latents, then a top-k of the k
     best blocks' values (kernels.block_top_k; exactly lax.top_k's values and indices). XLA:CPU's top-k is a
-    partial sort per row at about 5 ns per value, 8x the encoder matmul at the synthetic preset's shapes, and a
-    block max is a vectorised pass: the preset's step is about 16% faster (RESULTS.md). Accelerators keep
-    `lax.top_k`; the two-stage form is not measured there.
+    partial sort per row at about 5 ns per value, 5.5-6.6x the encoder matmul at the synthetic preset's shapes
+    on the 2-core Xeon, and a block max is a vectorised pass: the preset's step is about 16% faster (RESULTS.md).
+    Accelerators keep `lax.top_k`; the two-stage form is not measured there.
   - SAE matmul dtype: float32 on CPU (XLA:CPU has no faster bf16 path); bfloat16 operands with float32
     accumulation on accelerators, the paper's autocast (tests/test_sae_dtype.py checks it trains as well).
 - Seed groups for `seed_group_size=-1`. Seeds train in groups of a fixed size, each group one call of the same

@@ -155,6 +155,7 @@ def test_block_top_k_is_lax_top_k_exactly(num_latents, k, block):
   # Leading axes are kept, as lax.top_k keeps them.
   stacked_vals, stacked_idx = kernels.global_top_k(pre.reshape(4, 12, num_latents), k, 1, block)
   np.testing.assert_array_equal(stacked_idx.reshape(48, k), want_idx)
+  np.testing.assert_array_equal(stacked_vals.reshape(48, k), want_vals)
 
 
 def test_block_top_k_only_where_it_pays():

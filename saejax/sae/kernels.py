@@ -47,7 +47,7 @@ def global_top_k(pre_BxF: jax.Array, k: int, shards: int = 1, block: int = 0) ->
 
 
 # Blocks pay off only when the two small top-k's see far fewer values than the whole row: F / block block
-# maxima and k * block candidates (RESULTS.md, "exact top-k in blocks").
+# maxima and k * block candidates (RESULTS.md, issue 14, seventh session: slower at F=1024, k=32, block 8).
 _BLOCKS_MIN_RATIO = 16
 
 
@@ -56,14 +56,10 @@ def uses_blocks(num_latents: int, k: int, block: int) -> bool:
   return block > 0 and num_latents % block == 0 and num_latents >= _BLOCKS_MIN_RATIO * k * block
 
 
-def _ordered_key(x: jax.Array) -> jax.Array:
-  """int32 keys in `lax.top_k`'s total order of float32 (-0.0 below +0.0, NaN by its bits), so their max is exact."""
-  bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+def _flip_negatives(bits: jax.Array) -> jax.Array:
+  """Maps float32 bits to int32 keys in `lax.top_k`'s total order of float32 (-0.0 below +0.0, NaN by its bits),
+  so an integer max is the exact max in that order; the map is its own inverse."""
   return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
-
-
-def _from_key(key: jax.Array) -> jax.Array:
-  return lax.bitcast_convert_type(jnp.where(key < 0, key ^ jnp.int32(0x7FFFFFFF), key), jnp.float32)
 
 
 def block_top_k(pre_BxF: jax.Array, k: int, block: int) -> tuple[jax.Array, jax.Array]:
@@ -78,7 +74,8 @@ def block_top_k(pre_BxF: jax.Array, k: int, block: int) -> tuple[jax.Array, jax.
   *lead, num_latents = pre_BxF.shape
   num_blocks = num_latents // block
   blocks_BxNxL = pre_BxF.reshape(-1, num_blocks, block)
-  block_max_BxN = _from_key(jnp.max(_ordered_key(blocks_BxNxL), axis=-1))
+  keys_BxNxL = _flip_negatives(lax.bitcast_convert_type(blocks_BxNxL.astype(jnp.float32), jnp.int32))
+  block_max_BxN = lax.bitcast_convert_type(_flip_negatives(jnp.max(keys_BxNxL, axis=-1)), jnp.float32)
   _, chosen_BxK = lax.top_k(block_max_BxN, k)
   chosen_BxK = jnp.sort(chosen_BxK, axis=-1)
   candidates_BxKL = jnp.take_along_axis(blocks_BxNxL, chosen_BxK[:, :, None], axis=1).reshape(-1, k * block)
