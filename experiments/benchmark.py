@@ -44,6 +44,7 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats (minimum reported).
 _ARCH = flags.DEFINE_string('arch', 'topk', 'SAE architecture.')
 _SEED_GROUP = flags.DEFINE_integer('seed_group_size', -1, 'TrainConfig.seed_group_size (0: vmap all; -1: auto).')
 _CHUNK = flags.DEFINE_integer('chunk_tokens', -1, 'TrainConfig.kernel_chunk_tokens (-1: per platform).')
+_TOPK_BLOCK = flags.DEFINE_integer('topk_block', -1, 'TrainConfig.topk_block (-1: per platform; 0: one lax.top_k).')
 _SAE_DTYPE = flags.DEFINE_enum('sae_dtype', 'auto', ['auto', 'float32', 'bfloat16'], 'TrainConfig.sae_dtype.')
 _ALIGN_NS = flags.DEFINE_list('ns', ['4096', '8192', '16384', '32768', '131072'], 'align: latent counts n.')
 _N = flags.DEFINE_integer('n', 4096, 'align_one: latent count.')
@@ -116,6 +117,7 @@ def train_step_seconds(num_seeds: int, repeats: int) -> tuple[float, float]:
     init_seeds=tuple(range(num_seeds)),
     seed_group_size=_SEED_GROUP.value,
     kernel_chunk_tokens=_CHUNK.value,
+    topk_block=_TOPK_BLOCK.value,
     sae_dtype=_SAE_DTYPE.value,
     source='synthetic',
     num_features=2 * _D_IN.value,
@@ -161,6 +163,7 @@ def bench_train() -> None:
       'step_over_S_matmul': round(step_s / (num_seeds * matmul_s), 3),
       'seed_group_size': _SEED_GROUP.value,
       'chunk_tokens': _CHUNK.value,
+      'topk_block': _TOPK_BLOCK.value,
       'sae_dtype': _SAE_DTYPE.value,
       'machine': machine(),
     }
