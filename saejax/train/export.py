@@ -38,11 +38,11 @@ def train_step_parts(config: TrainConfig, platform: str):
   saejax.train.seed_groups), the function making a fresh group state, the batch's shape and the members' hparams'."""
   arch = sae_lib.get(config.arch)
   spec = sae_lib.SaeSpec.from_config(config, platform=platform)
-  tx, _ = optimizer.make_optimizer(config)
-  group_step = step_lib.make_group_step(arch, spec, tx, config.dead_tokens)
+  tx = optimizer.make_optimizer(config)
+  group_step = step_lib.make_group_step(arch, spec, tx)
   group_size = config.resolved_seed_group_size(platform) or len(config.init_seeds)
   init_fn = functools.partial(step_lib.init_state, arch, spec, tx, tuple(range(group_size)))
-  hparams = {name: jax.ShapeDtypeStruct((group_size,), jnp.float32) for name in step_lib.HPARAMS}
+  hparams = step_lib.hparams_struct(group_size)
   return group_step, init_fn, jax.ShapeDtypeStruct((config.batch_size, config.d_in), jnp.float32), hparams
 
 

@@ -11,8 +11,8 @@ Between steps the trainer keeps the state as its groups (`split`); checkpoints, 
 seed-stacked layout (`merge`), so nothing outside this module knows about groups.
 
 The stacked axis holds members: the seeds of one setting, or, for variants that differ only in the learning rate
-or L1 coefficient (saejax.train.slots), every seed of each of them; each member brings its own values of those
-(`hparams`, saejax.train.step.member_hparams), which the groups take with them.
+or L1 coefficient (saejax.train.slots), every seed of each of them; each member brings its own values of those and
+of the step's other inputs (`hparams`, saejax.train.step.member_hparams), which the groups take with them.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class SeedGroupStep:
   mesh: Mesh
   num_latents: int
   create_state: Callable  # init_seeds -> the seed-stacked fresh state on the mesh
-  hparams: dict[str, np.ndarray]  # [S] per member: its learning rate and L1 coefficient
+  hparams: dict[str, np.ndarray]  # [S] per member: its rate, L1 coefficient, schedule and dead-latent window
 
   def __post_init__(self):
     self.num_groups = -(-self.num_seeds // self.group_size)
@@ -113,7 +113,7 @@ class SeedGroupStep:
     return self._jitted
 
   def group_hparams(self, group: int) -> dict[str, jax.Array]:
-    """Group `group`'s [g] learning rates and L1 coefficients on the mesh (available once compiled)."""
+    """Group `group`'s [g] values of each hparam on the mesh (available once compiled)."""
     return self._group_hparams[group]
 
   def __call__(self, groups: Groups, x_BxD: jax.Array) -> tuple[Groups, dict]:
@@ -127,16 +127,16 @@ def from_config(config, mesh: Mesh) -> SeedGroupStep:
   """The grouped step of `config`'s seeds on `mesh`, with the kernel plan and group size of the mesh's platform."""
   platform = mesh.devices.flat[0].platform
   spec = sae_lib.SaeSpec.from_config(config, latent_shards=mesh.shape[shd.MODEL], platform=platform)
-  tx, _ = optimizer.make_optimizer(config)
+  tx = optimizer.make_optimizer(config)
   group_size = config.resolved_seed_group_size(platform)
   hparams = step_lib.member_hparams([config] * len(config.init_seeds))
-  return make(sae_lib.get(config.arch), spec, tx, config.dead_tokens, hparams, group_size, mesh)
+  return make(sae_lib.get(config.arch), spec, tx, hparams, group_size, mesh)
 
 
-def make(arch, spec, tx, dead_tokens: int, hparams: dict[str, np.ndarray], group_size: int, mesh: Mesh):
+def make(arch, spec, tx, hparams: dict[str, np.ndarray], group_size: int, mesh: Mesh):
   """The grouped step of the members whose `hparams` are given ([S] each); `group_size` 0 means one group of all."""
   num_seeds = len(hparams['lr'])
   group_size = num_seeds if group_size <= 0 else group_size
-  group_step = step_lib.make_group_step(arch, spec, tx, dead_tokens)
+  group_step = step_lib.make_group_step(arch, spec, tx)
   create = functools.partial(step_lib.create_state, arch, spec, tx, mesh=mesh)
   return SeedGroupStep(group_step, num_seeds, group_size, mesh, spec.num_latents, create, hparams)

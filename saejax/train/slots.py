@@ -1,10 +1,11 @@
 """What trains in one step: a slot per hookpoint and family of variants, each one compiled seed-group step.
 
 A run trains S seeds of every variant (saejax.variants) at every hookpoint on the same batches. Variants that
-differ only in values the step takes as inputs, the learning rate and the L1 coefficient (saejax.train.step), form
-one family: one SaeSpec, one optimiser and one `SeedGroupStep` over all their seeds, member m being seed m % S of
-the family's variant m // S, so on accelerators they fill the same vmapped seed groups. Variants that change the
-program (k, width, architecture, AuxK, warm-up, clipping) are families of their own: separate programs in the same
+differ only in values the step takes as inputs, the learning rate, the L1 coefficient and the warm-up
+(saejax.train.step), form one family: one SaeSpec, one optimiser and one `SeedGroupStep` over all their seeds,
+member m being seed m % S of the family's variant m // S, so on accelerators they fill the same vmapped seed
+groups. Variants that change the
+program (k, width, architecture, AuxK, clipping) are families of their own: separate programs in the same
 step, sharing the batch, as hookpoints do. A k sweep could share one program through a top-k at the largest k,
 masked per variant; that costs more than per-k programs whenever the groups are full (RESULTS.md, "Variants").
 
@@ -47,7 +48,6 @@ class Family:
   arch: sae_lib.Architecture
   spec: sae_lib.SaeSpec
   tx: Any
-  unit_schedule: Any  # the learning-rate schedule at a peak of 1; a variant's rate is its peak times this
   step: seed_groups.SeedGroupStep
   num_seeds: int
 
@@ -76,9 +76,14 @@ class View:
   members: slice
 
 
+# The variant fields whose values the step takes as inputs (saejax.train.step.member_hparams), each with the value
+# it is blanked to in a family's key: variants that differ only in them are one family.
+_STEP_INPUT_FIELDS = {'lr': None, 'l1_coefficient': 0.0, 'warmup_steps': 0}
+
+
 def _program(config) -> str:
   """What the compiled step depends on: the config without the values the step takes as inputs."""
-  shared = dataclasses.replace(config, **{name: None if name == 'lr' else 0.0 for name in step_lib.HPARAMS})
+  shared = dataclasses.replace(config, **_STEP_INPUT_FIELDS)
   return json.dumps(shared.to_json(), sort_keys=True)
 
 
@@ -93,10 +98,10 @@ def families(config, mesh: jax.sharding.Mesh) -> list[Family]:
     own = plans[0].config
     arch = sae_lib.get(own.arch)
     spec = sae_lib.SaeSpec.from_config(own, latent_shards=mesh.shape[shd.MODEL], platform=platform)
-    tx, unit_schedule = optimizer.make_optimizer(own)
+    tx = optimizer.make_optimizer(own)
     hparams = step_lib.member_hparams([plan.config for plan in plans for _ in own.init_seeds])
-    step = seed_groups.make(arch, spec, tx, own.dead_tokens, hparams, own.resolved_seed_group_size(platform), mesh)
-    out.append(Family(plans, arch, spec, tx, unit_schedule, step, len(own.init_seeds)))
+    step = seed_groups.make(arch, spec, tx, hparams, own.resolved_seed_group_size(platform), mesh)
+    out.append(Family(plans, arch, spec, tx, step, len(own.init_seeds)))
   return out
 
 

@@ -21,7 +21,7 @@ from saejax import console, data, formats, storage
 from saejax import sae as sae_lib
 from saejax import sharding as shd
 from saejax.config import TrainConfig
-from saejax.train import checkpoint, run_folder, slots, tracking
+from saejax.train import checkpoint, optimizer, run_folder, slots, tracking
 from saejax.train import step as step_lib
 
 PER_SEED_METRICS = ('loss', 'fvu', 'l0', 'dead_fraction', 'grad_norm')
@@ -251,7 +251,7 @@ class Trainer:
       **({'variant': view.variant.name} if view.variant.name else {}),
       'tokens': step * self.config.batch_size,
       **{name: np.asarray(host[name]).round(6).tolist() for name in PER_SEED_METRICS},
-      'lr': float(view.variant.config.learning_rate * view.slot.family.unit_schedule(step - 1)),
+      'lr': optimizer.learning_rate_at(view.variant.config, step - 1),
       'elapsed_s': round(elapsed, 3),
       'time': round(time.time(), 3),
     }
