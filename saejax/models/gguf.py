@@ -29,14 +29,13 @@ except ImportError:  # only reading a .gguf file needs it; a GPU image without i
 import numpy as np
 from jax.sharding import Mesh
 
-from saejax.models import registry
+from saejax.models import gguf_file, registry
 from saejax.models.checkpoint import COL, ROW, Placer
 from saejax.models.config import ModelConfig, RopeSpec
 from saejax.models.gguf_file import GgufFile
 
 SUFFIX = '.gguf'
 ARCHITECTURES = ('llama',)
-_MAGIC = b'GGUF'
 _CONVERT_HINT = 'or pass a Hugging Face folder (config.json and *.safetensors) with --config.model='
 
 
@@ -48,7 +47,7 @@ def is_gguf_file(path: str | os.PathLike) -> bool:
   if path.suffix.lower() == SUFFIX:
     return True
   with open(path, 'rb') as f:
-    return f.read(4) == _MAGIC
+    return f.read(4) == gguf_file.MAGIC
 
 
 def find(path_or_id, marker: str = 'config.json', required: bool = True) -> Path | None:
@@ -90,8 +89,8 @@ _MAX_READERS = 2
 
 
 def open_reader(path: str | os.PathLike) -> GgufFile:
-  """The parsed GGUF file at `path` (saejax.models.gguf_file), after checking that it is one and that every tensor
-  lies inside it. The file is memory-mapped read-only, so one reader is shared by every caller in the process.
+  """The parsed GGUF file at `path` (saejax.models.gguf_file, which checks that it is one and that every tensor
+  lies inside it). The file is memory-mapped read-only, so one reader is shared by every caller in the process.
   """
   path = Path(path)
   if gguf is None:
@@ -99,10 +98,6 @@ def open_reader(path: str | os.PathLike) -> GgufFile:
   stat = path.stat()
   key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
   if key not in _READERS:
-    with open(path, 'rb') as f:
-      magic = f.read(4)
-    if magic != _MAGIC:
-      raise ValueError(f'{path} is not a GGUF file (it starts with {magic!r}, not b"GGUF"); pass a llama.cpp .gguf')
     reader = GgufFile(path)
     while len(_READERS) >= _MAX_READERS:
       _READERS.pop(next(iter(_READERS)))

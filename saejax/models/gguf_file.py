@@ -8,7 +8,8 @@ name, dims, type and an offset from the aligned start of the data), so this read
 memory map: 0.1 s. Dequantizing stays with gguf-py (`gguf.quants`), which takes the arrays this builds
 (`GgufTensor.data`: gguf-py's layout, dims reversed, quantized rows as bytes).
 
-Anything that does not parse (a cut file, a value type outside the spec, a big-endian file) is one ValueError.
+A file without the magic bytes, and anything that does not parse (a cut file, a value type outside the spec, a
+big-endian file), is one ValueError.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ class GgufFile:
       self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b''
     self.path, self.size = os.fspath(path), len(self._map)
     self.data = np.frombuffer(self._map, np.uint8)
+    if self._map[:4] != MAGIC:
+      raise ValueError(
+        f'{self.path} is not a GGUF file (it starts with {bytes(self._map[:4])!r}, not {MAGIC!r}); pass a llama.cpp '
+        f'.gguf'
+      )
     try:
       self.fields, infos, header_end = self._parse()
     except (struct.error, UnicodeDecodeError, IndexError, OverflowError, ValueError) as err:
@@ -81,9 +87,7 @@ class GgufFile:
     return self.fields.get(key, default)
 
   def _parse(self):
-    magic, version, num_tensors, num_fields = struct.unpack_from('<4sIQQ', self._map, 0)
-    if magic != MAGIC:
-      raise ValueError(f'it starts with {magic!r}, not {MAGIC!r}')
+    _, version, num_tensors, num_fields = struct.unpack_from('<4sIQQ', self._map, 0)
     if version not in (2, 3):
       swapped = 'a big-endian file' if version > 0xFFFF else f'version {version}'
       raise ValueError(f'{swapped}; saejax reads little-endian GGUF versions 2 and 3')

@@ -10,9 +10,9 @@ program a seed runs in is then the same for S = 1, 4 or 9, and its SAE is bitwis
 Between steps the trainer keeps the state as its groups (`split`); checkpoints, exports and callers see the
 seed-stacked layout (`merge`), so nothing outside this module knows about groups.
 
-The stacked axis holds members: the seeds of one setting, or, for variants that differ only in the learning rate
-or L1 coefficient (saejax.train.slots), every seed of each of them; each member brings its own values of those and
-of the step's other inputs (`hparams`, saejax.train.step.member_hparams), which the groups take with them.
+The stacked axis holds members: the seeds of one setting, or, for variants that differ only in the learning rate,
+L1 coefficient or warm-up (saejax.train.slots), every seed of each of them; each member brings its own values of
+those and of the step's other inputs (`hparams`, saejax.train.step.member_hparams), which the groups take along.
 """
 
 from __future__ import annotations
