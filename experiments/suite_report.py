@@ -46,7 +46,8 @@ def check_plan(out: str, plan) -> None:
   wanted = dataclasses.asdict(plan)
   if storage.isfile(path):
     saved = storage.read_json(path)
-    changed = [name for name in wanted if saved.get(name) != _jsonable(wanted[name])]
+    measured = [f.name for f in dataclasses.fields(plan) if not f.metadata.get('presentation')]
+    changed = [name for name in measured if saved.get(name) != _jsonable(wanted[name])]
     if changed:
       raise ValueError(f'{out} holds the runs of another plan (differs in {", ".join(changed[:4])}); use a new --out')
     return

@@ -35,7 +35,8 @@ The plan (written before the first run and not to be changed after a verdict; PL
   paper's "almost constant across the middle layers"; both not tested when neither layer shares 1%. g holds at
   Spearman(firing count, seeds sharing) > 0.2. Fig. 2 holds when a power law with offset beats one without on AIC.
   Threshold 0.7, the paper rule, everywhere. Bimodality: Sarle's coefficient of the seed0-seed1 decoder cosines.
-The quick plan shrinks every number (layers 1-3, 576 latents, 8K tokens, four seeds); the full plan is the
+The quick plan shrinks every number (layers 1-3, 576 latents, 8K tokens, four seeds) and draws the base run's
+figures only; the full plan is the
 paper's sizes (32K latents, k=32, 100M tokens; a cache of 3 x 100M tokens takes 345 GB of bf16).
 """
 
@@ -81,6 +82,9 @@ class Plan:
   threshold: float = 0.7
   min_shared: float = 0.01  # below it at every value of an ablation, the ablation is not tested
   layer_tolerance: float = 0.05  # f (late): "almost constant" means within this much of the base layer
+  # Fig. 1, A1, A2, stability (and Fig. 2) for every run's alignment, or for the base run's only. Presentation,
+  # not measurement: a folder made either way passes the plan check (suite_report.check_plan).
+  ablation_figures: bool = dataclasses.field(default=True, metadata={'presentation': True})
 
   def check(self) -> None:
     for name, values, base in (
@@ -147,6 +151,7 @@ PLANS = {
     dead_tokens=2**12,
     log_every=2,
     checkpoint_every=16,
+    ablation_figures=False,  # 40 of the suite's 50 PNGs, a sixth of its time
   ),
   'full': Plan(
     'full',
@@ -240,7 +245,10 @@ class Suite:
     summary = suite_runs.train(config, workdir, self.timings, f'train {name}')
     alignment = None
     if len(config.init_seeds) >= 2:
-      alignment = suite_runs.align(workdir, firing_tokens, self.plan.threshold, self.timings, f'align {name}')
+      figures = name == 'base' or self.plan.ablation_figures
+      alignment = suite_runs.align(
+        workdir, firing_tokens, self.plan.threshold, self.timings, f'align {name}', figures=figures
+      )
     self.runs[name] = {'setting': setting, 'seeds': len(config.init_seeds), 'workdir': workdir}
     self.runs[name].update(train=summary, alignment=alignment)
     return self.runs[name]

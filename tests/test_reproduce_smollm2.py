@@ -5,6 +5,7 @@ run, a killed suite continues to the same result, and bad input is one line with
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import sys
 
 import pytest
 
-from experiments import suite_smollm2
+from experiments import suite_report, suite_smollm2
 from saejax.analysis import claims
 from saejax.train import run_folder
 
@@ -96,6 +97,10 @@ def test_quick_suite_writes_pw_mcc_stability_and_seed_stats(quick):
   stability = alignment['seeds']['stability']
   assert sum(stability['fraction_of_latents']) == pytest.approx(1.0)
   assert 'Per-latent stability' in (base / 'report.md').read_text() and (base / 'stability.png').is_file()
+  # The quick plan draws the base run's figures only; an ablation's alignment has its numbers and no PNGs.
+  ablation = out / 'runs' / f'k{plan.ks[0]}' / 'alignment'
+  assert json.loads((ablation / 'summary.json').read_text())['figures'] == {}
+  assert (ablation / 'universality.csv').is_file() and not list(ablation.glob('*.png'))
   summary = json.loads((out / 'summary.json').read_text())
   assert {row['run'] for row in summary['runs']} >= {'base', f'k{plan.ks[0]}', 'arch_relu', 'arch_gated'}
   assert summary['machine']['cpu'] and summary['versions']['jax']
@@ -154,6 +159,15 @@ def test_every_plan_includes_its_base_values_and_the_cpu_plan_is_the_documented_
   broken = suite_smollm2.dataclasses.replace(cpu, widths=(1152, 4608))
   with pytest.raises(ValueError, match='must include the base value 2304'):
     broken.check()
+
+
+def test_a_plan_folder_accepts_other_figure_choices_but_not_other_numbers(tmp_path):
+  quick = suite_smollm2.PLANS['quick']
+  suite_report.check_plan(str(tmp_path), quick)
+  suite_report.check_plan(str(tmp_path), dataclasses.replace(quick, ablation_figures=True))  # presentation only
+  with pytest.raises(ValueError, match='another plan .*num_seeds'):
+    suite_report.check_plan(str(tmp_path), dataclasses.replace(quick, num_seeds=5))
+  assert json.loads((tmp_path / 'plan.json').read_text())['ablation_figures'] is False  # the first plan's file
 
 
 def test_trend_is_not_tested_where_nothing_is_shared():

@@ -1,6 +1,7 @@
 """Training behaviour: every architecture learns, seeds are independent, and the mesh does not change results."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -137,10 +138,18 @@ def test_auxk_and_multi_topk_train():
   assert all(np.all(np.isfinite(h['loss'])) for h in history)
 
 
+MESH_CONFIG = dataclasses.replace(TINY, init_seeds=(0, 1, 2), num_tokens=256 * 15)
+
+
+@functools.cache
+def _single_device_saes() -> dict[str, np.ndarray]:
+  """MESH_CONFIG on one device, trained once for every mesh below (xdist keeps a file in one process)."""
+  return train_in_memory(MESH_CONFIG, SINGLE)[0]
+
+
 @pytest.mark.parametrize('data,model', [(2, 1), (1, 2), (4, 1), (2, 2), (8, 1), (4, 2), (2, 4)])
 def test_same_saes_on_any_mesh(data, model):
-  config = dataclasses.replace(TINY, init_seeds=(0, 1, 2), num_tokens=256 * 15)
-  reference, _ = train_in_memory(config, SINGLE)
+  config, reference = MESH_CONFIG, _single_device_saes()
   mesh = shd.make_mesh(data, model, jax.devices()[: data * model])
   params, _ = train_in_memory(config, mesh)
   for name in reference:

@@ -113,8 +113,12 @@ def run_alignment(
   firing: Mapping[str, np.ndarray] | None = None,
   true_features: np.ndarray | None = None,
   seed_stats: Mapping[str, Mapping[str, float]] | None = None,
+  figures: bool = True,
 ) -> dict[str, Any]:
   """Aligns all pairs of `sae_dirs` ({name: folder}) and writes the full output folder `out_dir`.
+
+  figures: False skips the PNGs (summary.json `figures` is then empty and the report embeds none); a figure
+  costs about half a second to draw, which adds up over a suite's many small alignments.
 
   seed_stats: the training run's {metric: {mean, std}} across seeds (run_folder.seed_stats), copied into
   summary.json and the report beside the shared fractions.
@@ -138,7 +142,7 @@ def run_alignment(
     for (a, b), pair in result.pairs.items():
       pair.to_npz(os.path.join(staging, 'pairs', f'{a}__{b}.npz'))
     result.write_universality_csv(os.path.join(staging, 'universality.csv'))
-    made = _figures(staging, result, summary, firing)
+    made = _figures(staging, result, summary, firing) if figures else {}
     summary['figures'] = {name: os.path.basename(path) for name, path in made.items()}
     storage.write_json(os.path.join(staging, 'summary.json'), summary)
     report.write_report(staging, summary, summary['figures'])

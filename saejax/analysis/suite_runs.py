@@ -79,8 +79,10 @@ def align(
   threshold: float = 0.7,
   timings: Timings | None = None,
   stage: str = 'align',
+  figures: bool = True,
 ) -> dict[str, Any]:
-  """Aligns every seed of the run's one hookpoint into RUN/alignment (firing counts for Fig. 3 when asked)."""
+  """Aligns every seed of the run's one hookpoint into RUN/alignment (firing counts for Fig. 3 when asked;
+  `figures=False`: no PNGs)."""
   from saejax.analysis import alignment_run, firing
 
   out = storage.join(workdir, 'alignment')
@@ -96,6 +98,7 @@ def align(
     threshold=threshold,
     firing=counts,
     seed_stats=run_folder.read_seed_stats(workdir, hookpoint),
+    figures=figures,
   )
   if timings is not None:
     timings.add(stage, time.time() - started)
