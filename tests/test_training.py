@@ -1,7 +1,6 @@
 """Training behaviour: every architecture learns, seeds are independent, and the mesh does not change results."""
 
 import dataclasses
-import functools
 import json
 
 import jax
@@ -141,15 +140,15 @@ def test_auxk_and_multi_topk_train():
 MESH_CONFIG = dataclasses.replace(TINY, init_seeds=(0, 1, 2), num_tokens=256 * 15)
 
 
-@functools.cache
-def _single_device_saes() -> dict[str, np.ndarray]:
-  """MESH_CONFIG on one device, trained once for every mesh below (xdist keeps a file in one process)."""
+@pytest.fixture(scope='module')
+def single_device_saes() -> dict[str, np.ndarray]:
+  """MESH_CONFIG on one device, trained once for every mesh below. Read-only."""
   return train_in_memory(MESH_CONFIG, SINGLE)[0]
 
 
 @pytest.mark.parametrize('data,model', [(2, 1), (1, 2), (4, 1), (2, 2), (8, 1), (4, 2), (2, 4)])
-def test_same_saes_on_any_mesh(data, model):
-  config, reference = MESH_CONFIG, _single_device_saes()
+def test_same_saes_on_any_mesh(data, model, single_device_saes):
+  config, reference = MESH_CONFIG, single_device_saes
   mesh = shd.make_mesh(data, model, jax.devices()[: data * model])
   params, _ = train_in_memory(config, mesh)
   for name in reference:
