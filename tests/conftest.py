@@ -46,12 +46,22 @@ def smollm2_gguf():
 LONGEST_FIRST = (
   'test_synthetic_preset.py',
   'test_reproduce_smollm2.py',
-  'test_sweep.py',
   'test_training.py',
+  'test_sweep.py',
+  'test_variants.py',
+  'test_reproduce.py',
   'test_multihost.py',
+  'test_kernels.py',
   'test_storage.py',
-  'test_align_cli.py',
+  'test_tracking.py',
+  'test_device_check.py',
+  'test_gguf.py',
+  'test_auxk.py',
   'test_lm_end_to_end.py',
+  'test_corpus.py',
+  'test_resume.py',
+  'test_models.py',
+  'test_align_cli.py',
 )
 
 
@@ -112,7 +122,7 @@ def tiny_lm(tmp_path_factory, worker_id):
 
 @pytest.fixture(scope='session')
 def tiny_lm_run(tmp_path_factory, worker_id, tiny_lm):
-  """The standard tiny LM run (`tiny_lm.tiny_train_args`), trained and aligned once per session by the CLI.
+  """The standard tiny LM run (`tiny_lm.tiny_train_args`), trained and aligned (no PNGs) once per session by the CLI.
 
   Tests only read it; one that writes into a run folder copies it first.
   """
@@ -122,7 +132,9 @@ def tiny_lm_run(tmp_path_factory, worker_id, tiny_lm):
     workdir = folder / 'run'
     result = run_cli('experiments.train', *tiny_train_args(*tiny_lm, workdir))
     assert result.returncode == 0, result.stderr[-3000:]
-    result = run_cli('experiments.align', f'--workdir={workdir}', f'--firing_tokens={CONTEXT * ROWS * 4}')
+    result = run_cli(
+      'experiments.align', f'--workdir={workdir}', f'--firing_tokens={CONTEXT * ROWS * 4}', '--nofigures'
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
   return _once(session_dir(tmp_path_factory, worker_id), 'tiny_lm_run', build) / 'run'

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from saejax import formats
+from tests import forkserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
@@ -29,7 +30,7 @@ PAIR_KEYS = {
 
 
 def run(module: str, *args: str) -> subprocess.CompletedProcess:
-  return subprocess.run(
+  return forkserver.run(
     [sys.executable, '-m', module, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
   )
 
@@ -106,12 +107,14 @@ def test_align_workdir_writes_everything(trained_run):
 def test_align_saes_folders_and_bad_input(trained_run, tmp_path):
   seeds = sorted((trained_run / 'saes' / 'synthetic').iterdir())
   out = tmp_path / 'out'
-  result = run('experiments.align', '--saes', str(seeds[0]), str(seeds[1]), f'--out={out}', '--method=sparse')
+  args = ['--saes', str(seeds[0]), str(seeds[1]), f'--out={out}', '--method=sparse', '--nofigures']
+  result = run('experiments.align', *args)
   assert result.returncode == 0, result.stderr[-2000:]
   summary = json.loads((out / 'summary.json').read_text())
   assert [(p['a'], p['b']) for p in summary['pairs']] == [('seed0', 'seed1')]
   assert summary['pairs'][0]['method'] == 'sparse'
   assert 'ground_truth_recovery' not in summary['seeds']  # bare SAE folders carry no ground truth
+  assert summary['figures'] == {} and not list(out.glob('*.png'))  # --nofigures: the numbers only
 
   # A permuted copy is 100% shared.
   params, cfg = formats.load_sae(seeds[0])
@@ -122,7 +125,8 @@ def test_align_saes_folders_and_bad_input(trained_run, tmp_path):
   formats.save_eleuther(
     tmp_path / 'permuted', permuted, arch=cfg['arch'], k=cfg['k'], d_in=cfg['d_in'], num_latents=cfg['num_latents']
   )
-  result = run('experiments.align', '--saes', str(seeds[0]), str(tmp_path / 'permuted'), f'--out={tmp_path / "p"}')
+  permuted_args = ['--saes', str(seeds[0]), str(tmp_path / 'permuted'), f'--out={tmp_path / "p"}', '--nofigures']
+  result = run('experiments.align', *permuted_args)
   assert result.returncode == 0, result.stderr[-2000:]
   assert json.loads((tmp_path / 'p' / 'summary.json').read_text())['pairs'][0]['shared_fraction'] == 1.0
 

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from tests import forkserver
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1, 2)
 BATCH = 128
@@ -43,7 +45,7 @@ def cli_env() -> dict[str, str]:
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-  return subprocess.run(
+  return forkserver.run(
     [sys.executable, '-m', 'experiments.train', *args],
     cwd=ROOT,
     env=cli_env(),

@@ -6,7 +6,6 @@ tolerance; both sides dequantize the same bytes with the `gguf` package, so they
 """
 
 import os
-import subprocess
 import sys
 
 import gguf
@@ -18,6 +17,7 @@ import pytest
 from saejax import models
 from saejax.models import gguf as gguf_lib
 from saejax.sharding import make_mesh
+from tests import forkserver
 from tests.test_models import _reference
 
 torch = pytest.importorskip('torch')
@@ -374,7 +374,7 @@ def test_cli_truncated_gguf_exits_2_with_one_line(tiny, tmp_path):
   cut_path = tmp_path / 'cut.gguf'
   cut_path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2', HF_HUB_OFFLINE='1')
-  result = subprocess.run(
+  result = forkserver.run(
     [
       sys.executable,
       '-m',

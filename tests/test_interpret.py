@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from saejax.interpret import prompts
+from tests import forkserver
 from tests.fake_chat_server import RequestLog, deterministic_answer, deterministic_llm, ok, serve
 from tests.tiny_lm import CLI_ENV, CONTEXT, ROWS
 
@@ -86,7 +87,7 @@ def test_balanced_accuracy_and_deterministic_layout():
 
 
 def run_module(module, *args, timeout=600):
-  return subprocess.run(
+  return forkserver.run(
     [sys.executable, '-m', module, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
   )
 
@@ -190,7 +191,7 @@ def test_killed_run_keeps_written_scores(aligned_run, tmp_path):
     return deterministic_llm(request_json, attempt)
 
   with serve(slow) as base_url:
-    process = subprocess.Popen(
+    process = forkserver.popen(
       [sys.executable, '-m', *interpret_args(workdir, base_url, '--max_concurrency=1')],
       cwd=ROOT,
       env=ENV,

@@ -104,7 +104,8 @@ def test_two_hookpoints_share_one_forward_and_match_single_runs(tiny_lm, tmp_pat
     for name in a:
       np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)
     assert (both / 'saes' / 'layers.0.mlp' / f'seed{seed}' / 'sae.safetensors').exists()
-  result = run_cli('experiments.align', f'--workdir={both}', '--hookpoint=layers.0.mlp', f'--firing_tokens={batch * 2}')
+  args = ['--hookpoint=layers.0.mlp', f'--firing_tokens={batch * 2}', '--nofigures']
+  result = run_cli('experiments.align', f'--workdir={both}', *args)
   assert result.returncode == 0, result.stderr[-3000:]
   assert (both / 'firing_counts.layers.0.mlp.npz').exists()
   assert json.loads((both / 'alignment' / 'summary.json').read_text())['pairs'][0]['a'] == 'seed0'

@@ -23,6 +23,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from saejax import distributed, storage
+from tests import forkserver
 from tests.gcs_emulator import gcs_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +70,7 @@ class Processes:
 
   def start(self, name: str, args: list[str], devices: int) -> subprocess.Popen:
     log = open(self.log_dir / f'{name}.log', 'w')  # noqa: SIM115 - closed by kill()
-    proc = subprocess.Popen(
+    proc = forkserver.popen(
       [sys.executable, '-m', 'experiments.train', *args],
       cwd=ROOT,
       env=env_with_devices(devices),
@@ -220,7 +221,7 @@ def test_cluster_detection(clean_env):
 @pytest.mark.slow
 def test_cli_num_processes_without_coordinator_exits_2(tmp_path):
   workdir = tmp_path / 'run'
-  result = subprocess.run(
+  result = forkserver.run(
     [sys.executable, '-m', 'experiments.train', *TINY, f'--workdir={workdir}', '--num_processes=2', '--process_id=0'],
     cwd=ROOT,
     env=env_with_devices(4),

@@ -3,7 +3,6 @@ the L1-coefficient calibration that matches sparsity before the ReLU+L1 / Gated 
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 
 from saejax.analysis import claims
 from saejax.config import TrainConfig
+from tests import forkserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLAIMS = (
@@ -29,7 +29,7 @@ CLAIMS = (
 @pytest.mark.slow
 def test_quick_reproduction_reports_every_claim(tmp_path):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
-  result = subprocess.run(
+  result = forkserver.run(
     [sys.executable, '-m', 'experiments.reproduce', '--quick', f'--out={tmp_path}'],
     cwd=ROOT,
     env=env,

@@ -17,6 +17,7 @@ import pytest
 from experiments import suite_report, suite_smollm2
 from saejax.analysis import claims
 from saejax.train import run_folder
+from tests import forkserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLAIMS = (
@@ -45,7 +46,7 @@ def _suite(out, corpus, *extra, timeout=600) -> subprocess.CompletedProcess:
     f'--eval_dataset={corpus / "heldout.jsonl"}',
     *extra,
   ]
-  return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  return forkserver.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope='module')
@@ -131,7 +132,7 @@ def test_rerun_skips_finished_runs_and_a_killed_suite_continues_to_the_same_clai
 @pytest.mark.slow
 def test_bad_input_is_one_line_exit_2(quick, english_corpus, tmp_path):
   out, _ = quick
-  missing = subprocess.run(
+  missing = forkserver.run(
     [sys.executable, '-m', 'experiments.reproduce', '--suite=smollm2', '--quick', f'--out={tmp_path}',
      f'--dataset={tmp_path / "nothing.jsonl"}'],
     cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from tests import forkserver
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1, 2)
 BATCH = 128
@@ -51,7 +53,7 @@ def cli_env() -> dict[str, str]:
 
 
 def run_to_completion(workdir) -> subprocess.CompletedProcess:
-  result = subprocess.run(command(workdir), cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=TIMEOUT)
+  result = forkserver.run(command(workdir), cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=TIMEOUT)
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
@@ -59,7 +61,7 @@ def run_to_completion(workdir) -> subprocess.CompletedProcess:
 def start(workdir, log_path) -> subprocess.Popen:
   """Starts a run in the background; its (long) log goes to a file so a full pipe never blocks it."""
   with open(log_path, 'w') as log:
-    return subprocess.Popen(command(workdir), cwd=ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
+    return forkserver.popen(command(workdir), cwd=ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
 
 
 def checkpoint_steps(workdir) -> list[int]:

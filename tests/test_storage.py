@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from saejax import formats, storage
+from tests import forkserver
 from tests.gcs_emulator import gcs_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,7 +145,7 @@ def _env(gcs: dict[str, str]) -> dict[str, str]:
 
 
 def _run(env, *args) -> subprocess.CompletedProcess:
-  result = subprocess.run(
+  result = forkserver.run(
     [sys.executable, '-m', *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT
   )
   assert result.returncode == 0, result.stderr[-3000:]
@@ -154,7 +155,7 @@ def _run(env, *args) -> subprocess.CompletedProcess:
 def _stop_after_first_checkpoint(env, workdir: str, log_path) -> None:
   """Starts training, sends SIGTERM once a checkpoint is in the bucket, and checks it stopped cleanly early."""
   with open(log_path, 'w') as log:
-    process = subprocess.Popen(
+    process = forkserver.popen(
       [sys.executable, '-m', 'experiments.train', *TRAIN_FLAGS, f'--workdir={workdir}'],
       cwd=ROOT,
       env=env,

@@ -2,12 +2,12 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from experiments.ablations import SWEEPS
+from tests import forkserver
 from tests.tiny_lm import CLI_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,7 +15,7 @@ ENV = CLI_ENV
 
 
 def run(module, *args):
-  return subprocess.run(
+  return forkserver.run(
     [sys.executable, '-m', module, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
   )
 
@@ -65,6 +65,7 @@ def test_architecture_sweep_runs_locally_and_plots(tmp_path):
     f'--root={root}',
     *[f'--set={item}' for item in SYNTHETIC_SETS],
     '--align=--firing_tokens=2560',  # Fig. 3's firing counts from 10 batches, not the default million tokens
+    '--align=--nofigures',  # each run's PNGs: tests/test_align_cli.py; here the sweep's fig5 is what is drawn
   )
   assert result.returncode == 0, result.stderr[-3000:]
   for arch in ('topk', 'gated', 'relu'):
@@ -110,10 +111,11 @@ def test_pod_sweep_babysits_each_run_in_turn_and_skips_finished_ones(tmp_path):
     '--babysit=--max-restarts=3',
     *[f'--set={item}' for item in SYNTHETIC_SETS],
     '--align=--firing_tokens=2560',
+    '--align=--nofigures',
   ]
 
   def sweep(**extra_env):
-    return subprocess.run(args, cwd=ROOT, env={**env, **extra_env}, capture_output=True, text=True, timeout=900)
+    return forkserver.run(args, cwd=ROOT, env={**env, **extra_env}, capture_output=True, text=True, timeout=900)
 
   failed = sweep(FAIL_ON='--config.arch=gated')
   assert failed.returncode == 1 and 'gated failed' in failed.stderr and 'rerun the sweep' in failed.stderr
@@ -150,6 +152,7 @@ def test_a_one_step_sweep_is_one_run_with_a_variant_per_setting():
 def test_one_step_sweep_trains_every_setting_beside_the_others_and_plots(tmp_path):
   root = tmp_path / 'runs'
   args = ['--sweep=fig5_arch', '--one-step', '--mode=local', f'--root={root}', '--align=--firing_tokens=2560']
+  args.append('--align=--nofigures')
   result = run('experiments.sweep', *args, *[f'--set={item}' for item in SYNTHETIC_SETS])
   assert result.returncode == 0, result.stderr[-3000:]
   workdir = root / 'fig5_arch' / 'one_step'

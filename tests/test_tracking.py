@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from saejax.train import tracking
-from tests import tracker_files
+from tests import forkserver, tracker_files
 from tests.test_resume import (
   BATCH,
   FLAGS,
@@ -29,14 +29,14 @@ pytestmark = pytest.mark.slow
 
 def train(workdir, *extra, env=None):
   command = [sys.executable, '-m', 'experiments.train', *FLAGS, f'--workdir={workdir}', *extra]
-  result = subprocess.run(command, cwd=ROOT, env=env or cli_env(), capture_output=True, text=True, timeout=TIMEOUT)
+  result = forkserver.run(command, cwd=ROOT, env=env or cli_env(), capture_output=True, text=True, timeout=TIMEOUT)
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
 
 def align(workdir, env=None):
   command = [sys.executable, '-m', 'experiments.align', f'--workdir={workdir}', f'--firing_tokens={BATCH * 20}']
-  result = subprocess.run(command, cwd=ROOT, env=env or cli_env(), capture_output=True, text=True, timeout=TIMEOUT)
+  result = forkserver.run(command, cwd=ROOT, env=env or cli_env(), capture_output=True, text=True, timeout=TIMEOUT)
   assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -46,7 +46,7 @@ def interrupt(workdir, tmp_path, how, *extra, env=None):
   command_env = env or cli_env()
   command = [sys.executable, '-m', 'experiments.train', *FLAGS, f'--workdir={workdir}', *extra]
   with open(log_path, 'w') as log:
-    process = subprocess.Popen(command, cwd=ROOT, env=command_env, stdout=log, stderr=subprocess.STDOUT)
+    process = forkserver.popen(command, cwd=ROOT, env=command_env, stdout=log, stderr=subprocess.STDOUT)
   wait_for_first_checkpoint(workdir, process, log_path)
   process.send_signal(how)
   process.wait(timeout=TIMEOUT)
@@ -132,6 +132,6 @@ def test_unknown_tracker_is_bad_input(tmp_path):
     f'--workdir={tmp_path / "x"}',
     '--config.tracker=mlflow',
   ]
-  result = subprocess.run(command, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=TIMEOUT)
+  result = forkserver.run(command, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=TIMEOUT)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith("error: tracker='mlflow'")

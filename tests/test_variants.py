@@ -122,7 +122,7 @@ def test_variants_export_align_and_report_as_their_own_runs(tmp_path):
     run_folder.exported_sae_dirs(str(workdir))
   assert run_folder.read_seed_stats(str(workdir), variant='k=8')['l0']['mean'] == 8.0
 
-  one = run_cli('experiments.align', f'--workdir={workdir}', '--variant=k=8', '--firing_tokens=2560')
+  one = run_cli('experiments.align', f'--workdir={workdir}', '--variant=k=8', '--firing_tokens=2560', '--nofigures')
   assert one.returncode == 0, one.stderr[-3000:]
   aligned = json.loads((workdir / 'alignment' / 'k=8' / 'summary.json').read_text())
   assert [(p['a'], p['b']) for p in aligned['pairs']] == [('seed0', 'seed1')]

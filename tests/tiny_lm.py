@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from saejax.models.random_checkpoint import write_random_neox
+from tests import forkserver
 
 WORDS = [
   'the',
@@ -100,6 +101,6 @@ CLI_ENV = {
 
 def run_cli(module, *args, timeout=600) -> subprocess.CompletedProcess:
   """`python -m module args` on one CPU device, offline, from the repository root."""
-  return subprocess.run(
+  return forkserver.run(
     [sys.executable, '-m', module, *args], cwd=ROOT, env=CLI_ENV, capture_output=True, text=True, timeout=timeout
   )
