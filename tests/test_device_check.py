@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Not on the GPU image (the device README's package list); lapjv travels as a wheel, gguf only for --gguf.
 MISSING_ON_THE_GPU_IMAGE = ('ml_collections', 'datasets', 'gguf', 'sae_lens', 'sparsify')
@@ -27,6 +29,9 @@ def _dry_run(*flags) -> list[dict]:
 
 
 def test_dry_run_prints_every_measurement_as_json(tmp_path):
+  # The GPU image has transformers and torch, and the script times their forward beside ours.
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
   out = tmp_path / 'device_check.jsonl'
   lines = _dry_run(f'--out={out}')
   assert lines == [json.loads(line) for line in out.read_text().splitlines()]
